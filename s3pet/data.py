@@ -1,0 +1,81 @@
+"""Tokenised task splits and batches.
+
+A split is tokenised once (lists of token ids); batches pad dynamically to their longest
+member, right-padded. Multiple-choice examples become one row per (context, choice) pair.
+Batch order comes from a generator seeded by (seed, epoch), so a resumed run replays the same
+order as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from s3pet.tasks import Example
+
+
+@dataclass
+class EncodedSplit:
+    features: list[list[dict]]  # per example: one dict of token lists per row (several for multiple choice)
+    labels: list
+    regression: bool
+    n_choices: int = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def encode(examples: list[Example], tokenizer, max_length: int, regression: bool) -> EncodedSplit:
+    """Tokenise examples (pairs as pairs; multiple choice as one pair per choice)."""
+    rows, labels, n_choices = [], [], 0
+    for ex in examples:
+        if ex.choices:
+            ctx = " ".join(ex.texts)
+            enc = [tokenizer(ctx, c, truncation=True, max_length=max_length) for c in ex.choices]
+            n_choices = len(ex.choices)
+        elif len(ex.texts) == 2:
+            enc = [tokenizer(ex.texts[0], ex.texts[1], truncation=True, max_length=max_length)]
+        else:
+            enc = [tokenizer(ex.texts[0], truncation=True, max_length=max_length)]
+        rows.append([{k: list(v) for k, v in e.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+                     for e in enc])
+        labels.append(ex.label)
+    return EncodedSplit(rows, labels, regression, n_choices)
+
+
+def collate(split: EncodedSplit, idx: list[int], pad_id: int) -> dict:
+    """Pad a batch of examples into tensors (right padding)."""
+    flat = [r for i in idx for r in split.features[i]]
+    width = max(len(r["input_ids"]) for r in flat)
+    out = {}
+    for key in flat[0]:
+        fill = pad_id if key == "input_ids" else 0
+        out[key] = torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in flat], dtype=torch.long)
+    lab = [split.labels[i] for i in idx]
+    out["labels"] = torch.tensor(lab, dtype=torch.float32 if split.regression else torch.long)
+    if split.n_choices:
+        out["n_choices"] = split.n_choices
+    return out
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def batches(split: EncodedSplit, batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0,
+            epoch: int = 0, start: int = 0, drop_last: bool = False):
+    """Yield padded batches; ``start`` skips the first batches of an epoch (resume)."""
+    order = epoch_order(len(split), seed, epoch) if shuffle else list(range(len(split)))
+    nb = len(order) // batch_size if drop_last else -(-len(order) // batch_size)
+    for b in range(start, nb):
+        yield collate(split, order[b * batch_size:(b + 1) * batch_size], pad_id)
+
+
+def n_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}

@@ -1,0 +1,113 @@
+"""Sequential adapters after a sublayer: y <- y + up(act(down(y))).
+
+``adapter`` (Houlsby) has a bottleneck of m units, each gated: unit j owns row j of the down
+projection, its bias, and column j of the up projection (2d + 1 parameters; the up
+projection has no bias so that every parameter belongs to exactly one unit).
+``lowrank_adapter`` is S3PET-M's: down and up projections each a rank-1 product (reduction
+32), gated as one unit of 3(d + m) parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from s3pet.deltas.base import Delta, DeltaKind, register
+from s3pet.errors import ConfigError
+
+_ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+
+
+def _bottleneck(d: int, params: dict) -> int:
+    if params.get("bottleneck"):
+        return int(params["bottleneck"])
+    return max(1, d // int(params["reduction"]))
+
+
+def _check_act(params: dict) -> dict:
+    if params["activation"] not in _ACTS:
+        raise ConfigError(f"field 'activation' must be one of {sorted(_ACTS)}, got {params['activation']!r}")
+    return params
+
+
+class Adapter(Delta):
+    kind = "adapter"
+
+    def __init__(self, d: int, units: int, activation: str):
+        super().__init__()
+        self.units = units
+        self.act = activation
+        self.down = nn.Linear(d, units)
+        self.up_weight = nn.Parameter(torch.zeros(d, units))  # zero: starts as a no-op
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+
+    def forward(self, x, y, gate):
+        h = _ACTS[self.act](self.down(y.to(self.down.weight.dtype) if not torch.is_autocast_enabled() else y))
+        if gate is not None:
+            h = h * gate
+        return y + F.linear(h, self.up_weight).to(y.dtype)
+
+
+@register
+class AdapterKind(DeltaKind):
+    name = "adapter"
+    hosts = ("block",)
+    stage = 2
+    defaults = {"bottleneck": 0, "reduction": 16, "activation": "relu"}
+
+    def check_params(self, params):
+        return _check_act(super().check_params(params))
+
+    def max_units(self, site, params):
+        return _bottleneck(site.d_out, params)
+
+    def unit_params(self, site, params):
+        return 2 * site.d_out + 1
+
+    def build(self, site, params, units):
+        return Adapter(site.d_out, units, params["activation"])
+
+
+class LowRankAdapter(Delta):
+    kind = "lowrank_adapter"
+
+    def __init__(self, d: int, m: int, activation: str):
+        super().__init__()
+        self.act = activation
+        self.down_a = nn.Parameter(torch.empty(d, 1))
+        self.down_b = nn.Parameter(torch.empty(1, m))
+        self.down_bias = nn.Parameter(torch.zeros(m))
+        self.up_a = nn.Parameter(torch.empty(m, 1))
+        self.up_b = nn.Parameter(torch.zeros(1, d))  # zero: starts as a no-op
+        self.up_bias = nn.Parameter(torch.zeros(d))
+        for p, fan in ((self.down_a, d), (self.down_b, 1), (self.up_a, m)):
+            nn.init.normal_(p, std=1.0 / math.sqrt(fan))
+
+    def forward(self, x, y, gate):
+        yy = y if torch.is_autocast_enabled() else y.to(self.down_a.dtype)
+        h = _ACTS[self.act]((yy @ self.down_a) @ self.down_b + self.down_bias)
+        out = (h @ self.up_a) @ self.up_b + self.up_bias
+        if gate is not None:
+            out = out * gate
+        return y + out.to(y.dtype)
+
+
+@register
+class LowRankAdapterKind(DeltaKind):
+    name = "lowrank_adapter"
+    hosts = ("block",)
+    stage = 2
+    defaults = {"reduction": 32, "activation": "gelu"}
+
+    def check_params(self, params):
+        return _check_act(super().check_params(params))
+
+    def unit_params(self, site, params):
+        m = _bottleneck(site.d_out, params)
+        return 3 * (site.d_out + m)
+
+    def build(self, site, params, units):
+        return LowRankAdapter(site.d_out, _bottleneck(site.d_out, params), params["activation"])

@@ -1,0 +1,77 @@
+"""The module-kind interface and registry.
+
+A *kind* (LoRA, adapter, BitFit, ...) knows which sites it can attach to, how many gateable
+units one module of it has at a site (LoRA: rank-1 components; adapters: bottleneck units;
+BitFit/LNFit: one), the exact parameter count of one unit, and how to build the module. A
+built module (``Delta``) maps ``(x, y, gate) -> y'``: ``x`` the host's input, ``y`` its output
+so far, ``gate`` a vector with one value per unit (``None`` when the module is kept whole, as
+after derivation).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from s3pet.errors import ConfigError
+
+if TYPE_CHECKING:
+    from s3pet.space import Site
+
+KINDS: dict[str, "DeltaKind"] = {}
+
+
+def register(cls):
+    """Class decorator: instantiate a kind and file it under its ``name``."""
+    KINDS[cls.name] = cls()
+    return cls
+
+
+class Delta(nn.Module):
+    """A built PET module at one site. Subclasses implement ``forward(x, y, gate)``."""
+
+    kind: str = ""
+    units: int = 1
+
+    def forward(self, x: Tensor, y: Tensor, gate: Tensor | None) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class DeltaKind(ABC):
+    """One PET module kind."""
+
+    name: str = ""
+    hosts: tuple[str, ...] = ()  # which site hosts it attaches to: "linear", "norm", "block"
+    stage: int = 1  # order at a host: 0 scales the base output, 1 adds in parallel, 2 sequential after
+    defaults: dict = {}
+
+    def check_params(self, params: dict) -> dict:
+        """Validate a space entry's hyper-parameters and fill defaults; ConfigError on a bad one."""
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise ConfigError(f"unknown field(s) {sorted(unknown)} for kind '{self.name}'; "
+                              f"allowed: {sorted(self.defaults) or 'none'}")
+        out = {**self.defaults, **params}
+        for k, v in params.items():
+            if isinstance(self.defaults[k], (int, float)) and not isinstance(v, bool):
+                if not isinstance(v, (int, float)) or v <= 0:
+                    raise ConfigError(f"field '{k}' of kind '{self.name}' must be a positive number, got {v!r}")
+        return out
+
+    def max_units(self, site: "Site", params: dict) -> int:
+        """How many gateable units a full module of this kind has at ``site``."""
+        return 1
+
+    @abstractmethod
+    def unit_params(self, site: "Site", params: dict) -> int:
+        """Exact number of trainable parameters of one unit at ``site``."""
+
+    def param_count(self, site: "Site", params: dict, units: int) -> int:
+        """Exact parameters of a module with ``units`` units (the derived rank)."""
+        return units * self.unit_params(site, params)
+
+    @abstractmethod
+    def build(self, site: "Site", params: dict, units: int) -> Delta:
+        """A freshly initialised module with ``units`` units."""

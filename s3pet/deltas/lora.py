@@ -1,0 +1,50 @@
+"""LoRA: y += (alpha / r) * B A x, parallel to a linear layer.
+
+A module of max rank R is R gated rank-1 components computed as one low-rank product per
+site: h = x A^T (R columns), each column scaled by its gate, then h B^T. A derived module of
+rank r is the same with r components and no gates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from s3pet.deltas.base import Delta, DeltaKind, register
+
+
+class LoRA(Delta):
+    kind = "lora"
+
+    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float):
+        super().__init__()
+        self.units = rank
+        self.scaling = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, d_in))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, rank))  # zero: the module starts as a no-op
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x, y, gate):
+        h = F.linear(x.to(self.lora_A.dtype) if not torch.is_autocast_enabled() else x, self.lora_A)
+        h = h * (gate * self.scaling) if gate is not None else h * self.scaling
+        return y + F.linear(h, self.lora_B).to(y.dtype)
+
+
+@register
+class LoRAKind(DeltaKind):
+    name = "lora"
+    hosts = ("linear",)
+    stage = 1
+    defaults = {"rank": 1, "alpha": 8.0}
+
+    def max_units(self, site, params):
+        return int(params["rank"])
+
+    def unit_params(self, site, params):
+        return site.d_in + site.d_out
+
+    def build(self, site, params, units):
+        return LoRA(site.d_in, site.d_out, units, float(params["alpha"]))

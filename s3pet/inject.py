@@ -1,0 +1,103 @@
+"""Attach PET modules to a frozen backbone with forward hooks.
+
+The backbone's module tree and state dict stay untouched: every PET module lives in one
+``DeltaSet`` (an ``nn.Module`` the caller owns), which registers one forward hook per host
+module. A hook receives the host's input and output and applies, in stage order, the
+modules attached there (scale, then parallel, then sequential). LNFit on a norm recomputes
+the norm with the shifted weight.
+
+Gates: a ``DeltaSet`` built with ``gated=True`` reads one gate vector ``self.z`` (one value
+per unit, over all modules, set by the supernet once per step) and hands each module its
+slice; with ``gated=False`` modules run whole.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from s3pet.deltas import KINDS, Delta
+from s3pet.space import ModuleSpec
+
+
+def _safe(key: str) -> str:
+    return key.replace(".", "__").replace(":", "--")
+
+
+class DeltaSet(nn.Module):
+    """All PET modules for one backbone; attaches them as forward hooks."""
+
+    def __init__(self, specs: list[ModuleSpec], gated: bool = False):
+        super().__init__()
+        self.specs = list(specs)
+        self.gated = gated
+        self.deltas = nn.ModuleDict()
+        self.z: Tensor | None = None
+        off = 0
+        for spec in self.specs:
+            spec.offset = off
+            off += spec.units
+            self.deltas[_safe(spec.key)] = KINDS[spec.kind].build(spec.site, spec.params, spec.units)
+        self.n_units = off
+        self._handles: list = []
+        self._by_host: dict[str, list[tuple[ModuleSpec, Delta]]] = {}
+        for spec in sorted(self.specs, key=lambda s: KINDS[s.kind].stage):
+            self._by_host.setdefault(spec.site.path, []).append((spec, self.deltas[_safe(spec.key)]))
+
+    def delta(self, spec_or_key) -> Delta:
+        key = spec_or_key.key if isinstance(spec_or_key, ModuleSpec) else spec_or_key
+        return self.deltas[_safe(key)]
+
+    def attach(self, backbone: nn.Module) -> "DeltaSet":
+        """Register the hooks on ``backbone`` (idempotent: re-attaching detaches first)."""
+        self.detach()
+        for path, items in self._by_host.items():
+            host = backbone.get_submodule(path)
+            self._handles.append(host.register_forward_hook(self._make_hook(host, items)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _gate(self, spec: ModuleSpec) -> Tensor | None:
+        if not self.gated or self.z is None:
+            return None
+        return self.z[spec.offset:spec.offset + spec.units]
+
+    def _make_hook(self, host: nn.Module, items: list[tuple[ModuleSpec, Delta]]):
+        lnfit = [(s, d) for s, d in items if s.kind == "lnfit"]
+        rest = [(s, d) for s, d in items if s.kind != "lnfit"]
+
+        def hook(module, args, output):
+            if getattr(module, "_s3pet_recomputing", False):
+                return output  # the norm is being recomputed below: leave that inner call alone
+            x = args[0]
+            y = output
+            if lnfit:
+                spec, d = lnfit[0]
+                y = norm_with_weight_delta(module, x, d.weight_delta(self._gate(spec)))
+            for spec, d in rest:
+                y = d(x, y, self._gate(spec))
+            return y
+
+        return hook
+
+
+def norm_with_weight_delta(norm: nn.Module, x: Tensor, dw: Tensor) -> Tensor:
+    """Recompute a norm layer with weight + dw (fast path for nn.LayerNorm, generic otherwise)."""
+    if isinstance(norm, nn.LayerNorm):
+        w = norm.weight + dw.to(norm.weight.dtype)
+        return F.layer_norm(x, norm.normalized_shape, w, norm.bias, norm.eps)
+    w = norm.weight + dw.to(norm.weight.dtype)
+    if isinstance(norm, getattr(nn, "RMSNorm", ())):
+        return F.rms_norm(x, norm.normalized_shape, w, norm.eps)
+    # Any other norm class: run its own forward with the shifted weight. The flag stops this
+    # host's hook from firing on the inner call.
+    norm._s3pet_recomputing = True
+    try:
+        return torch.func.functional_call(norm, {"weight": w}, (x,))
+    finally:
+        norm._s3pet_recomputing = False

@@ -1,0 +1,232 @@
+"""The stages users run: search, retrain, baseline, evaluate. Each writes a run directory.
+
+A run directory holds ``config.json`` (written before work starts: every setting, seed and
+version), ``history.jsonl``, ``metrics.json`` and the stage's artefacts (``structure.json``,
+``alphas.csv``, ``delta.safetensors``, ``search.pt``).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import s3pet
+from s3pet import budget as B
+from s3pet import structure as S
+from s3pet.errors import ConfigError, StructureError
+from s3pet.heads import TaskModel
+from s3pet.io import read_json, write_json
+from s3pet.models import count_params, load_backbone, load_tokenizer
+from s3pet.search import SearchConfig, SearchModel, run_search, write_alphas_csv
+from s3pet.space import discover_sites, instantiate, load_space
+from s3pet.supernet import Supernet
+from s3pet.tasks import load_task
+from s3pet.train import TrainConfig, encode_task, evaluate, fit, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"s3pet": s3pet.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def prepare_task(task: str, model: str, max_length: int, seed: int, max_train: int, max_eval: int,
+                 data_dir: str | None):
+    """Load a task and tokenise it for a model; returns (task data, tokenizer, encoded task)."""
+    td = load_task(task, data_dir=data_dir, seed=seed, max_train_samples=max_train or None,
+                   max_eval_samples=max_eval or None)
+    tok = load_tokenizer(model)
+    return td, tok, encode_task(td, tok, max_length)
+
+
+def _check_out(out: str | Path, resume: bool = False) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    if not resume and out.is_dir() and (out / "metrics.json").exists():
+        log.info("overwriting the finished run in %s", out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# --------------------------------------------------------------------------- search
+
+def search(model: str, task: str, space: str, budget: str | int, out: str | Path, cfg: SearchConfig | None = None,
+           resume: bool = False, data_dir: str | None = None) -> dict:
+    """Search a structure under ``budget``; writes config.json, history.jsonl, alphas.csv,
+    structure.json, search.pt and metrics.json into ``out``. Returns the metrics dict."""
+    cfg = cfg or SearchConfig()
+    out = _check_out(out, resume)
+    if resume and (out / "config.json").exists():
+        old = read_json(out / "config.json")
+        if (old.get("model"), old.get("task"), old.get("space")) != (model, task, space):
+            raise ConfigError(f"--resume: {out} holds a search of {old.get('model')}/{old.get('task')}/"
+                              f"{old.get('space')}, not {model}/{task}/{space}")
+        cfg = SearchConfig.from_dict(old["search"])
+    backbone = load_backbone(model, seed=cfg.seed)
+    sites = discover_sites(backbone)
+    space_obj = load_space(space)
+    specs = instantiate(space_obj, sites)
+    bb = count_params(backbone)
+    b = B.parse_budget(budget, bb)
+    brec = B.budget_record(b, bb)
+    total_space = sum(s.n_params for s in specs)
+    config = {"command": "search", "model": model, "task": task, "space": space, "space_spec": space_obj.to_dict(),
+              "budget": brec, "budget_arg": str(budget), "space_params": total_space, "data_dir": data_dir,
+              "search": asdict(cfg), "versions": versions()}
+    if not resume or not (out / "config.json").exists():
+        write_json(out / "config.json", config)
+    td, tok, enc = prepare_task(task, model, cfg.max_length, cfg.seed, cfg.max_train_samples, cfg.max_eval_samples,
+                                data_dir)
+    if b >= total_space:
+        log.warning("budget %d >= the whole space (%d params): every candidate fits, nothing to search", b, total_space)
+    torch.manual_seed(cfg.seed)
+    sn = Supernet(backbone, specs, b, beta=cfg.beta, temperature=cfg.temperature, hard=cfg.hard,
+                  controller=cfg.controller, l0_weight=cfg.l0_weight)
+    tm = TaskModel(backbone, td.card, tok)
+    root = SearchModel(sn, tm)
+    log.info("search: %s on %s, space %s (%d candidates, %d params), budget %d (%.4f%%)", model, task, space,
+             sn.alpha.numel(), total_space, b, 100 * brec["fraction"])
+    res = run_search(root, enc, cfg, out, resume=resume)
+    with torch.no_grad():
+        sn.alpha.data.copy_(res.selected_alpha)
+        rows = sn.candidate_rows()
+        kept = sn.derive_specs(b)
+    write_alphas_csv(out / "alphas.csv", rows)
+    st = S.from_specs(kept, backbone, space_obj.name, brec,
+                      {"task": task, "seed": cfg.seed, "select": cfg.select, "step": res.best_step
+                       if cfg.select == "best" else res.steps, "order": cfg.order, "controller": cfg.controller})
+    st.save(out / "structure.json")
+    device = resolve_device(cfg.device)
+    metrics = {"stage": "search", "validation_soft_gates": res.best_validation, "best_step": res.best_step,
+               "steps": res.steps, "structure": {"n_params": st.n_params, "modules": len(st.modules),
+                                                 "by_kind": st.counts_by_kind(), "budget": brec},
+               "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
+                        "gpu_hours": round(res.seconds / 3600, 5) if device.type == "cuda" else 0.0,
+                        "machine": _machine(device)}}
+    write_json(out / "metrics.json", metrics)
+    log.info("structure: %s", st.summary())
+    return metrics
+
+
+# --------------------------------------------------------------------------- retrain / baselines
+
+def _save_delta(path: Path, named: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    from s3pet.io import atomic_write_bytes
+
+    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in named.items()}))
+
+
+def train_structure(structure: S.Structure | None, task: str, model: str, out: str | Path, cfg: TrainConfig,
+                    data_dir: str | None = None, stage: str = "retrain", extra_config: dict | None = None) -> dict:
+    """Train a structure (or every weight when ``structure`` is None: full fine-tuning) from
+    scratch on a fresh backbone; best checkpoint on validation, reported on test."""
+    out = _check_out(out)
+    full = structure is None
+    config = {"command": stage, "model": model, "task": task, "data_dir": data_dir, "train": asdict(cfg),
+              "versions": versions(), **(extra_config or {})}
+    if structure is not None:
+        config["structure"] = structure.to_dict()
+        structure.save(out / "structure.json")
+    write_json(out / "config.json", config)
+    backbone = load_backbone(model, seed=cfg.seed)
+    td, tok, enc = prepare_task(task, model, cfg.max_length, cfg.seed, cfg.max_train_samples, cfg.max_eval_samples,
+                                data_dir)
+    torch.manual_seed(cfg.seed)
+    deltaset = None
+    if structure is not None:
+        deltaset = S.apply(structure, backbone)
+    tm = TaskModel(backbone, td.card, tok)
+    groups = {"head": tm.head_parameters()}
+    if full:
+        groups["backbone"] = [p for p in backbone.parameters()]
+    else:
+        groups["deltas"] = list(deltaset.parameters())
+        deltaset.to(resolve_device(cfg.device))
+    n_trainable = sum(p.numel() for ps in groups.values() for p in ps)
+    n_head = sum(p.numel() for p in groups["head"])
+    n_pet = n_trainable - n_head
+    if structure is not None and n_pet != structure.n_params:
+        raise StructureError(f"built {n_pet} PET parameters but the structure lists {structure.n_params}")
+    res = fit(tm, groups, enc, cfg, out, full=full)
+    named = {f"head.{k}": v for k, v in tm.head.state_dict().items()}
+    if full:
+        named.update({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
+    else:
+        named.update({f"deltas.{k}": v for k, v in deltaset.state_dict().items()})
+    _save_delta(out / "delta.safetensors", named)
+    device = resolve_device(cfg.device)
+    bb = count_params(backbone) if not full else n_pet
+    metrics = {"stage": stage, "task": task, "model": model, "main_metric": td.card.main_metric,
+               "validation": res.best_validation, "test": res.test, "best_step": res.best_step, "steps": res.steps,
+               "params": {"pet": n_pet, "head": n_head, "backbone": bb,
+                          "pet_share_of_backbone": n_pet / bb if bb else 0.0},
+               "split_info": td.split_info,
+               "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
+                        "gpu_hours": round(res.seconds / 3600, 5) if device.type == "cuda" else 0.0,
+                        "machine": _machine(device)}}
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def retrain(structure_path: str | Path, task: str, out: str | Path, cfg: TrainConfig | None = None,
+            model: str | None = None, data_dir: str | None = None) -> dict:
+    """Retrain a structure file on a task (on its own base model unless ``model`` is given)."""
+    st = S.load(structure_path)
+    model = model or st.base_model.get("name_or_path")
+    if not model:
+        raise StructureError(f"{structure_path}: base_model.name_or_path is empty; pass --model")
+    return train_structure(st, task, model, out, cfg or TrainConfig(), data_dir)
+
+
+def evaluate_run(run_dir: str | Path, task: str | None = None, data_dir: str | None = None,
+                 split: str = "test") -> dict:
+    """Re-evaluate the saved weights of a retrain/baseline run on a task's validation and test."""
+    from safetensors.torch import load_file
+
+    run = Path(run_dir)
+    if not (run / "config.json").is_file() or not (run / "delta.safetensors").is_file():
+        raise ConfigError(f"{run} is not a finished retrain/baseline run (needs config.json and delta.safetensors)")
+    config = read_json(run / "config.json")
+    cfg = TrainConfig.from_dict(config.get("train", {}))
+    task = task or config["task"]
+    model = config["model"]
+    backbone = load_backbone(model, seed=cfg.seed)
+    td, tok, enc = prepare_task(task, model, cfg.max_length, cfg.seed, 0, cfg.max_eval_samples,
+                                data_dir or config.get("data_dir"))
+    tm = TaskModel(backbone, td.card, tok)
+    weights = load_file(str(run / "delta.safetensors"))
+    deltaset = None
+    if "structure" in config:
+        deltaset = S.apply(S.from_dict(config["structure"], str(run / "config.json")), backbone)
+        deltaset.load_state_dict({k[len("deltas."):]: v for k, v in weights.items() if k.startswith("deltas.")})
+    else:
+        backbone.load_state_dict({k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")})
+    head = {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")}
+    try:
+        tm.head.load_state_dict(head)
+    except RuntimeError as e:
+        raise ConfigError(f"the saved head does not fit task {task} (trained on {config['task']}?): "
+                          f"{str(e).splitlines()[0]}") from e
+    device = resolve_device(cfg.device)
+    tm.to(device)
+    if deltaset is not None:
+        deltaset.to(device)
+    res = {s: evaluate(tm, getattr(enc, s), td.card, enc.pad_id, cfg.eval_batch_size, device, cfg.precision)
+           for s in ("validation", "test")}
+    return {"run": str(run), "task": task, **res}

@@ -1,0 +1,374 @@
+"""The bi-level search (DARTS-style) over a supernet, with the budget held by the gate shift.
+
+Each step: (1) an alpha step on a D_alpha batch, (2) a w step (PET modules and head) on a D_w
+batch; D_w and D_alpha are a seeded 50/50 split of the training set. First order uses
+dL_alpha(w, alpha)/dalpha. Second order takes a *virtual* step w' = w - xi grad_w L_w on the PET
+and head parameters only (``torch.func.functional_call``; no copy of the model) and corrects
+with a finite difference of dL_w/dalpha at w +- eps grad_w' L_alpha(w', alpha).
+
+The search checkpoint (``search.pt``) holds every state needed to continue: PET weights,
+head, logits, both optimisers and schedules, the shift, the step and all random states. A
+killed search resumed with ``resume=True`` ends with the same structure as an uninterrupted
+one (on the CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from s3pet import budget as B
+from s3pet import data as D
+from s3pet.errors import ConfigError
+from s3pet.heads import TaskModel
+from s3pet.io import append_jsonl, atomic_write_bytes, atomic_write_text, write_json
+from s3pet.supernet import CONTROLLERS, Supernet
+from s3pet.train import (EncodedTask, autocast, evaluate, linear_schedule, make_adamw, peak_memory_mb,
+                         resolve_device)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchConfig:
+    """Settings of one search; saved in the run's config.json before work starts."""
+
+    order: str = "first"  # first | second: the DARTS approximation of the alpha gradient
+    epochs: float = 3.0  # passes over D_w (fractions allowed)
+    max_steps: int = 0  # bi-level steps; 0 = from epochs
+    batch_size: int = 32
+    w_lr: float = 3e-4  # PET modules and head (paper code: AdamW 3e-4)
+    alpha_lr: float = 0.1  # gate logits (paper code: AdamW 0.1)
+    head_lr: float = 0.0  # 0 = w_lr
+    weight_decay: float = 0.0
+    grad_clip: float = 2.0  # paper code clips at 2.0
+    warmup_ratio: float = 0.0
+    beta: float = 1.0  # gate sigmoid temperature
+    temperature: float = 1.0  # binary-concrete relaxation temperature
+    hard: bool = False  # straight-through hard gates in training steps
+    controller: str = "shift"  # shift (S3PET) | none (plain sigmoid) | l0 (penalty ablation)
+    l0_weight: float = 1.0  # weight of the l0 controller's penalty
+    xi: float = 0.0  # virtual step size of second order; 0 = w_lr
+    alpha_share: float = 0.5  # share of the training split used as D_alpha
+    select: str = "best"  # best | last: which logits to derive from
+    eval_every: int = 0  # steps between validations; 0 = twice per epoch
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = at every validation
+    max_length: int = 128
+    eval_batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    shift_iters: int = 0  # 0 = iterate to tolerance on CPU, 12 fixed (sync-free) steps on GPU
+    max_train_samples: int = 0
+    max_eval_samples: int = 0
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.order not in ("first", "second"):
+            raise ConfigError(f"order must be 'first' or 'second', got {self.order!r}")
+        if self.controller not in CONTROLLERS:
+            raise ConfigError(f"controller must be one of {', '.join(CONTROLLERS)}, got {self.controller!r}")
+        if self.select not in ("best", "last"):
+            raise ConfigError(f"select must be 'best' or 'last', got {self.select!r}")
+        if not 0 < self.alpha_share < 1:
+            raise ConfigError(f"alpha_share must be in (0, 1), got {self.alpha_share}")
+        for name in ("epochs", "batch_size", "w_lr", "alpha_lr", "beta", "temperature", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class SearchModel(nn.Module):
+    """Root module of a search: the supernet (backbone, PET modules, logits) and the task model.
+
+    One root lets ``functional_call`` swap PET and head weights for the virtual step.
+    """
+
+    def __init__(self, supernet: Supernet, task_model: TaskModel):
+        super().__init__()
+        self.supernet = supernet
+        self.task_model = task_model
+
+    def forward(self, batch):
+        return self.task_model(batch)
+
+    def w_named(self) -> dict[str, nn.Parameter]:
+        """PET and head parameters by name (found by structure: the supernet's delta set and the head)."""
+        ids = {id(p) for p in self.supernet.delta_parameters()} | {id(p) for p in self.task_model.head_parameters()}
+        return {n: p for n, p in self.named_parameters() if id(p) in ids}
+
+
+def split_alpha(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of training indices into D_w and D_alpha."""
+    g = torch.Generator().manual_seed(10_007 + seed)
+    perm = torch.randperm(n, generator=g).tolist()
+    k = max(1, int(round(n * share)))
+    return sorted(perm[k:]), sorted(perm[:k])
+
+
+def _subset(split: D.EncodedSplit, idx: list[int]) -> D.EncodedSplit:
+    return D.EncodedSplit([split.features[i] for i in idx], [split.labels[i] for i in idx], split.regression,
+                          split.n_choices)
+
+
+class BiLevel:
+    """The two optimisers and the step functions of the bi-level search."""
+
+    def __init__(self, root: SearchModel, cfg: SearchConfig, device: torch.device, total: int):
+        self.root, self.cfg, self.device = root, cfg, device
+        self.sn = root.supernet
+        self.w_named = root.w_named()
+        self.w = list(self.w_named.values())
+        head_ids = {id(p) for p in root.task_model.head_parameters()}
+        groups = [{"params": [p for p in self.w if id(p) not in head_ids], "lr": cfg.w_lr},
+                  {"params": [p for p in self.w if id(p) in head_ids], "lr": cfg.head_lr or cfg.w_lr}]
+        self.opt_w = make_adamw(groups, device, cfg.weight_decay)
+        self.opt_a = make_adamw([{"params": self.sn.arch_parameters(), "lr": cfg.alpha_lr}], device, 0.0)
+        warm = int(cfg.warmup_ratio * total)
+        self.sched_w = linear_schedule(self.opt_w, total, warm)
+        self.sched_a = linear_schedule(self.opt_a, total, warm)
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+
+    def _loss(self, batch, params: dict | None = None):
+        with autocast(self.device, self.cfg.precision):
+            if params is None:
+                logits = self.root(batch)
+            else:
+                logits = torch.func.functional_call(self.root, params, (batch,), strict=False)
+        return self.root.task_model.loss(logits, batch["labels"])
+
+    def _gates(self, logit_u: torch.Tensor, alpha_grad: bool):
+        """Gates from fixed noise: z = sigmoid((logit p + logit u) / T); installed for the forward."""
+        sn, cfg = self.sn, self.cfg
+        alpha = sn.alpha if alpha_grad else sn.alpha.detach()
+        shift = sn.current_shift()
+        z = torch.sigmoid((B.gate_logits(alpha, shift, cfg.beta) + logit_u) / cfg.temperature)
+        if cfg.hard:
+            z = (z > 0.5).to(z.dtype) + (z - z.detach())
+        sn.deltaset.z = z
+        return B.gate_probs(alpha, shift, cfg.beta)
+
+    def _noise(self) -> torch.Tensor:
+        a = self.sn.alpha
+        eps = torch.finfo(a.dtype).eps
+        u = torch.rand(a.shape, generator=self.gen, device=a.device, dtype=a.dtype).clamp(eps, 1 - eps)
+        return u.log() - torch.log1p(-u)
+
+    def alpha_step(self, batch_a, batch_w) -> torch.Tensor:
+        cfg, sn = self.cfg, self.sn
+        if sn.controller == "shift" and sn.fits_all:
+            return torch.zeros((), device=self.device)  # every candidate fits: nothing to choose
+        u = self._noise()
+        alpha = sn.alpha
+        if cfg.order == "first":
+            p = self._gates(u, alpha_grad=True)
+            loss = self._loss(batch_a) + sn.penalty(p)
+            (g_alpha,) = torch.autograd.grad(loss, [alpha])
+        else:
+            g_alpha, loss = self._second_order(batch_a, batch_w, u)
+        if cfg.grad_clip:
+            g_alpha = g_alpha * torch.clamp(cfg.grad_clip / (g_alpha.norm() + 1e-12), max=1.0)
+        alpha.grad = g_alpha
+        self.opt_a.step()
+        self.opt_a.zero_grad(set_to_none=True)
+        self.sched_a.step()
+        return loss.detach()
+
+    def _second_order(self, batch_a, batch_w, u):
+        """DARTS' unrolled gradient with a virtual step on the PET and head weights only."""
+        sn, names, w = self.sn, list(self.w_named), self.w
+        xi = self.cfg.xi or self.cfg.w_lr
+        # 1. Virtual step w' = w - xi * grad_w L_w(w, alpha), gates from the same noise throughout.
+        self._gates(u, alpha_grad=False)
+        g_w = torch.autograd.grad(self._loss(batch_w), w, allow_unused=True)
+        w_virtual = {n: (p - xi * g if g is not None else p).detach() for n, p, g in zip(names, w, g_w)}
+        for t in w_virtual.values():
+            t.requires_grad_(True)
+        # 2. dL_alpha(w', alpha)/dalpha and /dw'.
+        p = self._gates(u, alpha_grad=True)
+        loss = self._loss(batch_a, w_virtual) + sn.penalty(p)
+        grads = torch.autograd.grad(loss, [sn.alpha] + list(w_virtual.values()), allow_unused=True)
+        g_alpha, g_wv = grads[0], grads[1:]
+        g_wv = [g if g is not None else torch.zeros_like(t) for g, t in zip(g_wv, w_virtual.values())]
+        # 3. Finite difference of dL_w/dalpha at w +- eps * grad_w' L_alpha.
+        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in g_wv))
+        eps = 0.01 / (norm + 1e-12)
+        fd = []
+        for sign in (1.0, -1.0):
+            wp = {n: (p.detach() + sign * eps * g) for n, p, g in zip(names, w, g_wv)}
+            self._gates(u, alpha_grad=True)
+            (ga,) = torch.autograd.grad(self._loss(batch_w, wp), [sn.alpha])
+            fd.append(ga)
+        g_alpha = g_alpha - xi * (fd[0] - fd[1]) / (2 * eps)
+        return g_alpha, loss.detach()
+
+    def w_step(self, batch_w) -> torch.Tensor:
+        self._gates(self._noise(), alpha_grad=False)
+        loss = self._loss(batch_w)
+        loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.w, self.cfg.grad_clip)
+        self.opt_w.step()
+        self.opt_w.zero_grad(set_to_none=True)
+        self.sched_w.step()
+        return loss.detach()
+
+    def state_dict(self) -> dict:
+        return {"opt_w": self.opt_w.state_dict(), "opt_a": self.opt_a.state_dict(),
+                "sched_w": self.sched_w.state_dict(), "sched_a": self.sched_a.state_dict(),
+                "gen": self.gen.get_state()}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.opt_w.load_state_dict(s["opt_w"])
+        self.opt_a.load_state_dict(s["opt_a"])
+        self.sched_w.load_state_dict(s["sched_w"])
+        self.sched_a.load_state_dict(s["sched_a"])
+        self.gen.set_state(s["gen"])
+
+
+@dataclass
+class SearchResult:
+    supernet: Supernet
+    best_validation: dict
+    best_step: int
+    steps: int
+    seconds: float
+    peak_memory_mb: float
+    selected_alpha: torch.Tensor
+
+
+def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Path, resume: bool = False) -> SearchResult:
+    """Run (or continue) the bi-level search; writes history.jsonl and search.pt into ``out``."""
+    device = resolve_device(cfg.device)
+    root.to(device)
+    sn = root.supernet
+    if cfg.shift_iters:
+        sn.shift_iters = cfg.shift_iters
+    elif device.type == "cuda":
+        sn.shift_iters = 12  # fixed, sync-free iterations, warm-started every step
+    w_idx, a_idx = split_alpha(len(task.train), cfg.alpha_share, cfg.seed)
+    d_w, d_a = _subset(task.train, w_idx), _subset(task.train, a_idx)
+    nb_w = D.n_batches(len(d_w), cfg.batch_size)
+    nb_a = D.n_batches(len(d_a), cfg.batch_size)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * nb_w))
+    eval_every = cfg.eval_every or max(1, nb_w // 2)
+    ckpt_every = cfg.checkpoint_every or eval_every
+    bl = BiLevel(root, cfg, device, total)
+    hist = out / "history.jsonl"
+    ckpt = out / "search.pt"
+
+    step, best, best_step, best_alpha, seconds = 0, None, 0, sn.alpha.detach().clone(), 0.0
+    torch.manual_seed(cfg.seed)
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        root.load_state_dict(state["root"], strict=False)
+        bl.load_state_dict(state["bilevel"])
+        step, best, best_step, seconds = state["step"], state["best"], state["best_step"], state["seconds"]
+        best_alpha = state["best_alpha"].to(device)
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        _truncate_history(hist, step)
+        log.info("resumed search at step %d of %d", step, total)
+    elif hist.exists():
+        hist.unlink()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    root.train()
+    t0 = time.perf_counter()
+    sums = {"loss_w": torch.zeros((), device=device), "loss_alpha": torch.zeros((), device=device)}
+    bar = tqdm(total=total, initial=step, desc="search", disable=not cfg.progress, leave=False, dynamic_ncols=True)
+    it_w = it_a = None
+    while step < total:
+        if it_w is None or step % nb_w == 0:
+            it_w = D.batches(d_w, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed, epoch=step // nb_w,
+                             start=step % nb_w)
+        if it_a is None or step % nb_a == 0:
+            it_a = D.batches(d_a, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed + 7919,
+                             epoch=step // nb_a, start=step % nb_a)
+        bw = D.to_device(next(it_w), device)
+        ba = D.to_device(next(it_a), device)
+        sums["loss_alpha"] += bl.alpha_step(ba, bw)
+        sums["loss_w"] += bl.w_step(bw)
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            k = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+            with torch.no_grad():
+                p = sn.gate_probs()
+            rec = {"step": step, "epoch": step / nb_w, "loss_w": sums["loss_w"].item() / k,
+                   "loss_alpha": sums["loss_alpha"].item() / k, "budget": sn.budget,
+                   **{key: float(v) for key, v in sn.stats(p).items()}}
+            for v in sums.values():
+                v.zero_()
+            append_jsonl(hist, rec)
+            bar.set_postfix(lw=f"{rec['loss_w']:.3f}", la=f"{rec['loss_alpha']:.3f}",
+                            E=f"{rec['expected_params']:.0f}/{sn.budget}")
+        if step % eval_every == 0 or step == total:
+            with torch.no_grad():
+                sn.expected_gates()
+                m = evaluate(root.task_model, task.validation, task.card, task.pad_id, cfg.eval_batch_size, device,
+                             cfg.precision)
+            append_jsonl(hist, {"step": step, "eval": m})
+            if best is None or m["main"] > best["main"]:
+                best, best_step, best_alpha = m, step, sn.alpha.detach().clone()
+        if step % ckpt_every == 0 or step == total:
+            _save_checkpoint(ckpt, root, bl, step, best, best_step, best_alpha,
+                             seconds + time.perf_counter() - t0, device)
+    bar.close()
+    seconds += time.perf_counter() - t0
+    selected = best_alpha if cfg.select == "best" else sn.alpha.detach().clone()
+    return SearchResult(sn, best or {}, best_step, step, seconds, peak_memory_mb(device), selected)
+
+
+def _save_checkpoint(path: Path, root, bl: BiLevel, step, best, best_step, best_alpha, seconds, device) -> None:
+    state = {"root": {k: v for k, v in root.state_dict().items() if not _is_backbone(k)},
+             "bilevel": bl.state_dict(), "step": step, "best": best, "best_step": best_step,
+             "best_alpha": best_alpha, "seconds": seconds, "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _is_backbone(key: str) -> bool:
+    # The frozen backbone is reloaded from its source; only PET, head, logits and buffers are saved.
+    return key.startswith("supernet.backbone.") or key.startswith("task_model.backbone.")
+
+
+def _truncate_history(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    import json
+
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def write_alphas_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    cols = ["index", "site", "stack", "layer", "role", "kind", "unit", "n", "alpha", "p"]
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in cols})
+    atomic_write_text(path, buf.getvalue())
+
+
+def config_dict(cfg: SearchConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,151 @@
+"""The supernet: every candidate of a space injected into a frozen backbone, one gate each.
+
+Candidate i is one unit (a LoRA rank-1 component, an adapter bottleneck unit, a whole BitFit
+vector, ...) with logit ``alpha[i]`` and exact size ``n[i]``. The supernet owns the logits
+and hands out logits and PET parameters by structure (``arch_parameters()``,
+``delta_parameters()``), never by matching names.
+
+Controllers (how gate probabilities are formed):
+- ``shift`` (S3PET): p = sigmoid((alpha - b) / beta) with the shift b solved each step so
+  that sum n p = budget.
+- ``none``: plain sigmoid(alpha / beta), no budget pressure (ablation).
+- ``l0``: plain sigmoid plus a penalty on expected parameters over the budget (ablation).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from s3pet import budget as B
+from s3pet.inject import DeltaSet
+from s3pet.space import ModuleSpec
+
+CONTROLLERS = ("shift", "none", "l0")
+
+
+class Supernet(nn.Module):
+    """A frozen backbone with all candidates of a space attached and gated."""
+
+    def __init__(self, backbone: nn.Module, specs: list[ModuleSpec], budget: int, *, beta: float = 1.0,
+                 temperature: float = 1.0, hard: bool = False, controller: str = "shift",
+                 shift_iters: int | None = None, l0_weight: float = 1.0):
+        super().__init__()
+        if controller not in CONTROLLERS:
+            raise ValueError(f"controller must be one of {CONTROLLERS}")
+        self.backbone = backbone
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        self.deltaset = DeltaSet(specs, gated=True).attach(backbone)
+        n_units = self.deltaset.n_units
+        self.alpha = nn.Parameter(torch.zeros(n_units))
+        n = torch.empty(n_units, dtype=torch.float64)
+        group = torch.empty(n_units, dtype=torch.long)
+        for g, spec in enumerate(self.deltaset.specs):
+            n[spec.offset:spec.offset + spec.units] = spec.unit_params
+            group[spec.offset:spec.offset + spec.units] = g
+        self.register_buffer("n", n)
+        self.register_buffer("group", group)
+        self.register_buffer("shift", torch.zeros((), dtype=torch.float64))
+        self.budget = int(budget)
+        self.beta, self.temperature, self.hard = beta, temperature, hard
+        self.controller, self.shift_iters, self.l0_weight = controller, shift_iters, l0_weight
+        self.fits_all = B.budget_fits_all(self.n, self.budget)
+        if controller == "shift" and not self.fits_all:
+            self._solve(warm=False)  # raises BudgetError early if the budget is infeasible
+
+    @property
+    def specs(self) -> list[ModuleSpec]:
+        return self.deltaset.specs
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [self.alpha]
+
+    def delta_parameters(self) -> list[nn.Parameter]:
+        return list(self.deltaset.parameters())
+
+    # ------------------------------------------------------------------ gates
+    def _solve(self, warm: bool = True) -> Tensor:
+        with torch.no_grad():
+            s = B.solve_shift(self.alpha.detach(), self.n, self.budget, beta=self.beta,
+                              init=self.shift if warm else None, iters=self.shift_iters)
+            self.shift.copy_(s)
+        return self.shift
+
+    def current_shift(self) -> Tensor:
+        """The shift b used by the gates (0 without the shift controller, -inf when all fits)."""
+        if self.controller != "shift":
+            return torch.zeros((), dtype=torch.float64, device=self.alpha.device)
+        if self.fits_all:
+            return torch.full((), float("-inf"), dtype=torch.float64, device=self.alpha.device)
+        return self._solve()
+
+    def gate_probs(self) -> Tensor:
+        """p for every candidate (differentiable in alpha; the shift is a constant)."""
+        return B.gate_probs(self.alpha, self.current_shift(), self.beta)
+
+    def sample_gates(self, generator: torch.Generator | None = None) -> Tensor:
+        """Draw binary-concrete gates for a training step and install them; returns p."""
+        shift = self.current_shift()
+        z = B.concrete_sample(self.alpha, shift, self.beta, self.temperature, self.hard, generator)
+        self.deltaset.z = z
+        return B.gate_probs(self.alpha, shift, self.beta)
+
+    def expected_gates(self) -> Tensor:
+        """Install the deterministic gates p (evaluation); returns p."""
+        p = self.gate_probs()
+        self.deltaset.z = p
+        return p
+
+    def penalty(self, p: Tensor) -> Tensor:
+        """Extra loss for the ``l0`` controller: expected parameters over the budget, relative."""
+        if self.controller != "l0":
+            return p.new_zeros(())
+        over = B.expected_params(p.double(), self.n) / self.budget - 1.0
+        return self.l0_weight * torch.relu(over).to(p.dtype)
+
+    def stats(self, p: Tensor) -> dict:
+        """Scalars for history.jsonl (tensors; convert on logging steps only)."""
+        p = p.detach()
+        return {"shift": self.current_shift().detach() if self.controller == "shift" else p.new_zeros(()),
+                "expected_params": B.expected_params(p.double(), self.n),
+                "gate_entropy": B.gate_entropy(p), "gates_open": (p > 0.5).sum()}
+
+    def forward(self, *args, **kwargs):
+        return self.backbone(*args, **kwargs)
+
+    # ------------------------------------------------------------------ derive
+    def candidate_rows(self) -> list[dict]:
+        """One row per candidate: site, stack, layer, role, kind, unit, n, alpha, p."""
+        with torch.no_grad():
+            p = self.gate_probs().float().cpu().tolist()
+        alpha = self.alpha.detach().float().cpu().tolist()
+        rows = []
+        for spec in self.specs:
+            s = spec.site
+            for u in range(spec.units):
+                i = spec.offset + u
+                rows.append({"index": i, "site": s.path, "stack": s.stack, "layer": s.layer, "role": s.role,
+                             "kind": spec.kind, "unit": u, "n": spec.unit_params, "alpha": alpha[i], "p": p[i]})
+        return rows
+
+    def derive_specs(self, budget: int | None = None, p: Tensor | None = None) -> list[tuple[ModuleSpec, float]]:
+        """Knapsack-greedy derivation under ``budget``: kept specs with merged units and mean score."""
+        budget = self.budget if budget is None else int(budget)
+        with torch.no_grad():
+            p = (self.gate_probs() if p is None else p).detach().double().cpu()
+            keep = B.derive(p, self.n.cpu(), budget, alpha=self.alpha.detach().double().cpu())
+        return kept_specs(self.specs, keep, p)
+
+
+def kept_specs(specs: list[ModuleSpec], keep: Tensor, p: Tensor) -> list[tuple[ModuleSpec, float]]:
+    """Merge the kept units of every spec into one module of that many units (the derived rank)."""
+    out = []
+    for spec in specs:
+        sl = slice(spec.offset, spec.offset + spec.units)
+        k = keep[sl]
+        r = int(k.sum())
+        if r:
+            score = float(p[sl][k].mean())
+            out.append((ModuleSpec(spec.site, spec.kind, dict(spec.params), r), score))
+    return out

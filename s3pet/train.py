@@ -1,0 +1,245 @@
+"""One training loop for retraining, baselines and (through its pieces) the search.
+
+AdamW, linear schedule with warm-up, gradient clipping, gradient accumulation, bf16 autocast
+on the GPU only (float32 on the CPU, where bf16 is far slower), evaluation every N steps,
+best checkpoint on validation (kept in memory: PET weights are small), early stopping, a
+progress bar and ``history.jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from s3pet import data as D
+from s3pet.errors import ConfigError
+from s3pet.heads import TaskModel
+from s3pet.io import append_jsonl
+from s3pet.metrics import compute_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (retrain, baseline); saved in the run's config.json."""
+
+    epochs: float = 3.0  # passes over the training split (fractions allowed)
+    max_steps: int = 0  # optimizer steps; 0 = from epochs
+    batch_size: int = 32
+    lr: float = 1e-3  # PET modules and the head learn fast; full fine-tuning uses full_lr
+    full_lr: float = 5e-5  # learning rate when every backbone weight trains
+    head_lr: float = 0.0  # 0 = same as lr
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06  # share of steps with a linear warm-up
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    grad_accum: int = 1  # micro-batches per optimizer step
+    eval_every: int = 0  # steps between validations; 0 = once per epoch
+    patience: int = 0  # validations without improvement before stopping; 0 = never stop early
+    max_length: int = 128  # tokens per (pair of) sentence(s)
+    eval_batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    max_train_samples: int = 0  # 0 = all; a seeded subset for quick runs
+    max_eval_samples: int = 0  # 0 = all; caps validation and test
+    log_every: int = 10  # steps between history records
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "lr", "grad_accum", "max_length", "eval_batch_size", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_every", "patience", "max_train_samples", "max_eval_samples",
+                     "weight_decay", "grad_clip", "head_lr", "warmup_ratio"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} asked for but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on the GPU (or when asked); a no-op context otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def linear_schedule(opt, total: int, warmup: int):
+    """Linear warm-up to the base rate, then linear decay to zero at ``total``."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def make_adamw(groups: list[dict], device: torch.device, weight_decay: float = 0.0):
+    groups = [g for g in groups if g["params"]]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=fused)
+
+
+@dataclass
+class EncodedTask:
+    card: object
+    train: D.EncodedSplit
+    validation: D.EncodedSplit
+    test: D.EncodedSplit
+    pad_id: int
+    split_info: dict = field(default_factory=dict)
+
+
+def encode_task(task_data, tokenizer, max_length: int) -> EncodedTask:
+    reg = task_data.card.is_regression
+    enc = {s: D.encode(getattr(task_data, s), tokenizer, max_length, reg) for s in ("train", "validation", "test")}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return EncodedTask(task_data.card, enc["train"], enc["validation"], enc["test"], pad, task_data.split_info)
+
+
+@torch.no_grad()
+def evaluate(model: TaskModel, split: D.EncodedSplit, card, pad_id: int, batch_size: int,
+             device: torch.device, precision: str) -> dict:
+    """Metrics of ``model`` on a split (eval mode restored to the previous mode after)."""
+    was = model.training
+    model.eval()
+    preds, labels = [], []
+    for batch in D.batches(split, batch_size, pad_id):
+        batch = D.to_device(batch, device)
+        with autocast(device, precision):
+            logits = model(batch)
+        preds.append(TaskModel.predict(logits, card.is_regression).cpu())
+        labels.append(batch["labels"].cpu())
+    model.train(was)
+    if not preds:
+        return {"main": float("nan")}
+    return compute_metrics(card, torch.cat(preds).tolist(), torch.cat(labels).tolist())
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@dataclass
+class TrainResult:
+    best_validation: dict
+    test: dict
+    best_step: int
+    steps: int
+    seconds: float
+    peak_memory_mb: float
+    history: list = field(default_factory=list)
+
+
+def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTask, cfg: TrainConfig,
+        run_dir: str | Path | None = None, full: bool = False) -> TrainResult:
+    """Train the given parameter groups, keep the best validation state, report test there.
+
+    ``groups`` maps a name ("deltas", "head", "backbone") to parameters; everything else stays
+    frozen. Returns the best validation metrics and the test metrics of that checkpoint.
+    """
+    device = resolve_device(cfg.device)
+    model.to(device)
+    torch.manual_seed(cfg.seed)
+    trainable = [p for ps in groups.values() for p in ps]
+    for p in trainable:
+        p.requires_grad_(True)
+    lr = cfg.full_lr if full else cfg.lr
+    opt_groups = [{"params": ps, "lr": (cfg.head_lr or lr) if name == "head" else lr} for name, ps in groups.items()]
+    opt = make_adamw(opt_groups, device, cfg.weight_decay)
+    per_epoch = max(1, D.n_batches(len(task.train), cfg.batch_size) // cfg.grad_accum)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    sched = linear_schedule(opt, total, int(cfg.warmup_ratio * total))
+    eval_every = cfg.eval_every or per_epoch
+    hist_path = Path(run_dir) / "history.jsonl" if run_dir else None
+    if hist_path and hist_path.exists():
+        hist_path.unlink()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    best, best_state, best_step, bad = None, None, 0, 0
+    step, epoch, t0 = 0, 0, time.perf_counter()
+    model.train()
+    bar = tqdm(total=total, desc="train", disable=not cfg.progress, leave=False, dynamic_ncols=True)
+    running = torch.zeros((), device=device)
+    done = False
+    while not done:
+        micro = 0
+        for batch in D.batches(task.train, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed, epoch=epoch):
+            batch = D.to_device(batch, device)
+            with autocast(device, cfg.precision):
+                logits = model(batch)
+            loss = model.loss(logits, batch["labels"]) / cfg.grad_accum
+            loss.backward()
+            running += loss.detach()
+            micro += 1
+            if micro % cfg.grad_accum:
+                continue
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                val = running.item() / cfg.log_every  # one sync per log interval, not per step
+                running.zero_()
+                bar.set_postfix(loss=f"{val:.4f}")
+                if hist_path:
+                    append_jsonl(hist_path, {"step": step, "epoch": epoch, "loss": val, "lr": sched.get_last_lr()[0]})
+            if step % eval_every == 0 or step == total:
+                m = evaluate(model, task.validation, task.card, task.pad_id, cfg.eval_batch_size, device, cfg.precision)
+                if hist_path:
+                    append_jsonl(hist_path, {"step": step, "epoch": epoch, "eval": m})
+                if best is None or m["main"] > best["main"]:
+                    best, best_step, bad = m, step, 0
+                    best_state = [p.detach().clone() for p in trainable]
+                else:
+                    bad += 1
+                if cfg.patience and bad >= cfg.patience:
+                    log.info("early stop at step %d (no improvement in %d validations)", step, bad)
+                    done = True
+            if step >= total or done:
+                done = True
+                break
+        epoch += 1
+    bar.close()
+    if best_state is not None:
+        with torch.no_grad():
+            for p, s in zip(trainable, best_state):
+                p.copy_(s)
+    test = evaluate(model, task.test, task.card, task.pad_id, cfg.eval_batch_size, device, cfg.precision)
+    secs = time.perf_counter() - t0
+    return TrainResult(best or {}, test, best_step, step, secs, peak_memory_mb(device))
+
+
+def config_dict(cfg) -> dict:
+    return asdict(cfg)
