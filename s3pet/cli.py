@@ -78,6 +78,159 @@ def format_space_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+
+# --------------------------------------------------------------------------- tasks
+
+def cmd_tasks(args) -> int:
+    from s3pet.tasks import describe_tasks
+
+    rows = describe_tasks(args.data_dir)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print(f"{'task':16} {'benchmark':10} {'type':16} {'metric':24} splits")
+    for r in rows:
+        metric = r.get("main_metric") or r.get("metric") or ",".join(r.get("metrics", []))
+        sizes = r.get("sizes") or r.get("splits") or r.get("availability", "")
+        if isinstance(sizes, dict):
+            sizes = " ".join(f"{k}={v}" for k, v in sizes.items())
+        print(f"{r['name']:16} {str(r.get('benchmark', '')):10} {str(r.get('type', '')):16} {str(metric):24} {sizes}")
+    return 0
+
+
+# --------------------------------------------------------------------------- training stages
+
+def _train_cfg(args, **over):
+    from s3pet.train import TrainConfig
+
+    d = {k: getattr(args, k) for k in ("epochs", "max_steps", "batch_size", "lr", "full_lr", "head_lr", "weight_decay",
+                                        "grad_clip", "grad_accum", "eval_every", "patience", "max_length", "seed",
+                                        "device", "precision", "max_train_samples", "max_eval_samples")
+         if getattr(args, k, None) is not None}
+    d["progress"] = not args.no_progress
+    d.update(over)
+    return TrainConfig.from_dict(d)
+
+
+def _search_cfg(args, **over):
+    from s3pet.search import SearchConfig
+
+    names = ("order", "epochs", "max_steps", "batch_size", "w_lr", "alpha_lr", "head_lr", "grad_clip", "beta",
+             "temperature", "controller", "select", "eval_every", "max_length", "seed", "device", "precision",
+             "max_train_samples", "max_eval_samples", "l0_weight", "xi")
+    d = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    if getattr(args, "hard", False):
+        d["hard"] = True
+    d["progress"] = not args.no_progress
+    d.update(over)
+    return SearchConfig.from_dict(d)
+
+
+def _print_metrics(m: dict) -> None:
+    test = m.get("test", {})
+    val = m.get("validation", {})
+    p = m.get("params", {})
+    print(f"test {m.get('main_metric', 'main')}: {test.get('main', float('nan')):.4f}   "
+          f"validation: {val.get('main', float('nan')):.4f}   PET params: {p.get('pet', 0):,} "
+          f"(+ head {p.get('head', 0):,})   {m['cost']['seconds']:.0f} s")
+
+
+def cmd_search(args) -> int:
+    from s3pet.pipeline import search
+
+    m = search(args.model, args.task, args.space, args.budget, args.out, _search_cfg(args), resume=args.resume,
+               data_dir=args.data_dir)
+    s = m["structure"]
+    kinds = ", ".join(f"{k} x{v['modules']}" for k, v in sorted(s["by_kind"].items()))
+    print(f"structure: {s['n_params']:,} params in {s['modules']} modules ({kinds}); "
+          f"budget {s['budget']['params']:,}; search {m['cost']['seconds']:.0f} s -> {args.out}/structure.json")
+    return 0
+
+
+def cmd_retrain(args) -> int:
+    from s3pet.pipeline import retrain
+
+    _print_metrics(retrain(args.structure, args.task, args.out, _train_cfg(args), model=args.model,
+                           data_dir=args.data_dir))
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    from s3pet.pipeline import baseline
+
+    _print_metrics(baseline(args.method, args.budget, args.task, args.out, _train_cfg(args), model=args.model,
+                            space=args.space, data_dir=args.data_dir))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from s3pet.pipeline import evaluate_run
+
+    r = evaluate_run(args.run, args.task, data_dir=args.data_dir)
+    print(json.dumps(r, indent=2))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from s3pet.pipeline import run_all
+
+    run_all(args.model, args.task, args.space, args.budget, args.out, _search_cfg(args, **_run_search_over(args)),
+            _train_cfg(args, **_run_train_over(args)), compare=args.compare, data_dir=args.data_dir)
+    return 0
+
+
+def _run_search_over(args) -> dict:
+    return {"epochs": args.search_epochs} if args.search_epochs else {}
+
+
+def _run_train_over(args) -> dict:
+    return {}
+
+
+def cmd_plot(args) -> int:
+    from s3pet.plot import plot_paths
+
+    fmts = tuple(args.format.split(","))
+    for p in plot_paths(args.inputs, args.out, formats=fmts):
+        print(p)
+    return 0
+
+
+def cmd_transfer(args) -> int:
+    from s3pet import structure as S
+    from s3pet.models import load_backbone
+    from s3pet.pipeline import train_structure
+    from s3pet.transfer import map_structure
+
+    st = S.load(args.structure)
+    model = args.model or st.base_model.get("name_or_path")
+    if args.model and args.model != st.base_model.get("name_or_path"):
+        st = map_structure(st, load_backbone(args.model), args.mapping)
+        print(f"mapped onto {args.model} ({args.mapping}, budget {st.provenance['transfer']['budget']}): {st.summary()}")
+    m = train_structure(st, args.task, model, args.out, _train_cfg(args), data_dir=args.data_dir, stage="transfer",
+                        extra_config={"source_structure": str(args.structure)})
+    _print_metrics(m)
+    return 0
+
+
+def cmd_average(args) -> int:
+    from s3pet.transfer import average_runs
+
+    st = average_runs(args.runs, args.budget)
+    st.save(args.out)
+    print(f"{st.summary()} -> {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from s3pet.export import export_run
+
+    path = export_run(args.structure, args.out, to="merged" if args.merge else args.to, weights_path=args.weights,
+                      model=args.model)
+    print(f"exported to {path}")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +244,129 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--space", default="s3pet-m", help="s3pet-m | s3pet-l | unified | path to a space JSON")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_space)
+
+    def common_train(q, lr=None):
+        q.add_argument("--model", default=None, help="model (default: the structure's base model, or minilm)")
+        q.add_argument("--data-dir", default=None, help="folder with GLUE/SuperGLUE files (or env S3PET_DATA_DIR)")
+        q.add_argument("--epochs", type=float, default=None)
+        q.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides epochs)")
+        q.add_argument("--batch-size", type=int, default=None)
+        q.add_argument("--max-length", type=int, default=None, help="tokens per input")
+        q.add_argument("--seed", type=int, default=None)
+        q.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+        q.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
+        q.add_argument("--max-train-samples", type=int, default=None, help="seeded training subset (quick runs)")
+        q.add_argument("--max-eval-samples", type=int, default=None, help="cap on validation and test examples")
+        q.add_argument("--eval-every", type=int, default=None, help="steps between validations")
+        q.add_argument("--head-lr", type=float, default=None)
+        q.add_argument("--grad-clip", type=float, default=None)
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def train_only(q):
+        q.add_argument("--lr", type=float, default=None, help="learning rate of PET modules and head (default 1e-3)")
+        q.add_argument("--full-lr", type=float, default=None, help="learning rate of full fine-tuning (default 5e-5)")
+        q.add_argument("--weight-decay", type=float, default=None)
+        q.add_argument("--grad-accum", type=int, default=None)
+        q.add_argument("--patience", type=int, default=None, help="validations without improvement before stopping")
+
+    def search_only(q):
+        q.add_argument("--order", choices=["first", "second"], default=None, help="DARTS approximation (default first)")
+        q.add_argument("--w-lr", type=float, default=None, help="PET/head learning rate (default 3e-4)")
+        q.add_argument("--alpha-lr", type=float, default=None, help="gate-logit learning rate (default 0.1)")
+        q.add_argument("--controller", choices=["shift", "none", "l0"], default=None,
+                       help="budget controller: shift (S3PET), none / l0 (ablations)")
+        q.add_argument("--l0-weight", type=float, default=None)
+        q.add_argument("--select", choices=["best", "last"], default=None,
+                       help="derive from the best-validation or the last logits")
+        q.add_argument("--beta", type=float, default=None, help="gate sigmoid temperature")
+        q.add_argument("--temperature", type=float, default=None, help="binary-concrete temperature")
+        q.add_argument("--hard", action="store_true", help="straight-through hard gates")
+        q.add_argument("--xi", type=float, default=None, help="second-order virtual step (default w-lr)")
+
+    sp = sub.add_parser("tasks", help="list the known tasks")
+    sp.add_argument("--data-dir", default=None)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_tasks)
+
+    sp = sub.add_parser("search", help="search a structure under a parameter budget")
+    common_train(sp)
+    search_only(sp)
+    sp.set_defaults(model="minilm")
+    sp.add_argument("--task", required=True)
+    sp.add_argument("--space", default="s3pet-m")
+    sp.add_argument("--budget", required=True, help="parameters (25000, 25k) or share of the backbone (0.01%%)")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--resume", action="store_true", help="continue a killed search from its checkpoint")
+    sp.set_defaults(func=cmd_search)
+
+    sp = sub.add_parser("retrain", help="train a structure from scratch and evaluate it")
+    common_train(sp)
+    train_only(sp)
+    sp.add_argument("--structure", required=True)
+    sp.add_argument("--task", required=True)
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=cmd_retrain)
+
+    sp = sub.add_parser("baseline", help="train a hand-designed PET method sized to the budget")
+    common_train(sp)
+    train_only(sp)
+    sp.set_defaults(model="minilm")
+    sp.add_argument("--method", required=True, choices=["full", "lora", "adapter", "bitfit", "lnfit", "random"])
+    sp.add_argument("--budget", default=None, help="required except for full")
+    sp.add_argument("--space", default="s3pet-m", help="space of the random method")
+    sp.add_argument("--task", required=True)
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=cmd_baseline)
+
+    sp = sub.add_parser("evaluate", help="re-evaluate the saved weights of a run")
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--task", default=None, help="default: the run's task")
+    sp.add_argument("--data-dir", default=None)
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("run", help="the main job: search, derive, retrain, evaluate, plot")
+    common_train(sp)
+    search_only(sp)
+    sp.add_argument("--lr", type=float, default=None, help="retrain learning rate")
+    sp.set_defaults(model="minilm")
+    sp.add_argument("--task", default="rotten-tomatoes")
+    sp.add_argument("--space", default="s3pet-m")
+    sp.add_argument("--budget", default="0.05%")
+    sp.add_argument("--search-epochs", type=float, default=None)
+    sp.add_argument("--compare", action="store_true", help="also train a random structure and BitFit of the same budget")
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("plot", help="plot runs or structures (heatmaps, gates, trajectory, graph)")
+    sp.add_argument("inputs", nargs="+", help="run directories or structure.json files")
+    sp.add_argument("--out", default=None, help="output folder (or file for a single plot)")
+    sp.add_argument("--format", default="png,svg")
+    sp.set_defaults(func=cmd_plot)
+
+    sp = sub.add_parser("transfer", help="retrain a structure on another task and/or model")
+    common_train(sp)
+    train_only(sp)
+    sp.add_argument("--structure", required=True)
+    sp.add_argument("--task", required=True)
+    sp.add_argument("--mapping", choices=["depth", "stretch"], default="depth",
+                    help="another model: depth keeps the module count, stretch fills every layer")
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=cmd_transfer)
+
+    sp = sub.add_parser("average", help="average gate scores of several searches and re-derive")
+    sp.add_argument("runs", nargs="+")
+    sp.add_argument("--budget", required=True)
+    sp.add_argument("--out", required=True, help="structure.json to write")
+    sp.set_defaults(func=cmd_average)
+
+    sp = sub.add_parser("export", help="export a structure (and weights) to HF peft or a merged model")
+    sp.add_argument("--structure", required=True)
+    sp.add_argument("--weights", default=None, help="delta.safetensors of a retrain run")
+    sp.add_argument("--to", choices=["peft"], default="peft")
+    sp.add_argument("--merge", action="store_true", help="fold the deltas into a plain transformers model")
+    sp.add_argument("--model", default=None)
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=cmd_export)
     return p
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -230,3 +231,76 @@ def evaluate_run(run_dir: str | Path, task: str | None = None, data_dir: str | N
     res = {s: evaluate(tm, getattr(enc, s), td.card, enc.pad_id, cfg.eval_batch_size, device, cfg.precision)
            for s in ("validation", "test")}
     return {"run": str(run), "task": task, **res}
+
+
+def baseline(method: str, budget: str | int | None, task: str, out: str | Path, cfg: TrainConfig | None = None,
+             model: str = "minilm", space: str = "s3pet-m", data_dir: str | None = None) -> dict:
+    """Train a hand-designed method (or a random structure of ``space``) sized to ``budget``."""
+    from s3pet.baselines import METHODS, baseline_structure
+
+    cfg = cfg or TrainConfig()
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method != "full" and budget is None:
+        raise ConfigError(f"--budget is required for method {method}")
+    backbone = load_backbone(model, seed=cfg.seed)
+    bb = count_params(backbone)
+    st, brec = None, None
+    if method != "full":
+        b = B.parse_budget(budget, bb)
+        brec = B.budget_record(b, bb)
+        st = baseline_structure(method, backbone, b, seed=cfg.seed, space=space, budget_record=brec)
+        log.info("%s under %d: %s", method, b, st.summary())
+    del backbone
+    m = train_structure(st, task, model, out, cfg, data_dir, stage=f"baseline:{method}",
+                        extra_config={"method": method, "budget": brec, "space": space if method == "random" else None})
+    m["method"] = method
+    write_json(Path(out) / "metrics.json", m)
+    return m
+
+
+def run_all(model: str, task: str, space: str, budget: str | int, out: str | Path, scfg: SearchConfig,
+            tcfg: TrainConfig, compare: bool = False, data_dir: str | None = None) -> dict:
+    """The main job: search -> derive -> retrain -> evaluate -> plot (-> compare), one folder per stage."""
+    from s3pet.plot import plot_paths
+
+    out = _check_out(out)
+    t0 = time.perf_counter()
+    sm = search(model, task, space, budget, out / "search", scfg, data_dir=data_dir)
+    rm = retrain(out / "search" / "structure.json", task, out / "retrain", tcfg, model=model, data_dir=data_dir)
+    summary = {"model": model, "task": task, "space": space, "budget": sm["structure"]["budget"],
+               "structure": sm["structure"], "retrain": {"test": rm["test"], "validation": rm["validation"],
+                                                         "params": rm["params"]},
+               "cost": {"search_seconds": sm["cost"]["seconds"], "retrain_seconds": rm["cost"]["seconds"],
+                        "search_over_retrain": round(sm["cost"]["seconds"] / max(rm["cost"]["seconds"], 1e-9), 3)}}
+    if compare:
+        summary["compare"] = {}
+        for method in ("random", "bitfit"):
+            bm = baseline(method, sm["structure"]["budget"]["params"], task, out / "compare" / method, tcfg,
+                          model=model, space=space, data_dir=data_dir)
+            summary["compare"][method] = {"test": bm["test"], "params": bm["params"]}
+    plots = plot_paths([out], out / "plots")
+    summary["plots"] = [str(p) for p in plots]
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(out / "summary.json", summary)
+    print(format_summary(summary, rm.get("main_metric", "main")))
+    return summary
+
+
+def format_summary(s: dict, metric: str) -> str:
+    st = s["structure"]
+    kinds = ", ".join(f"{k} x{v['modules']} ({v['params']:,})" for k, v in sorted(st["by_kind"].items()))
+    bb = s["retrain"]["params"]["backbone"] or 1
+    lines = [f"s3pet: {s['model']} on {s['task']}, space {s['space']}, budget {st['budget']['params']:,} "
+             f"({100 * st['budget']['fraction']:.3f}% of the backbone)",
+             f"  structure: {st['modules']} modules: {kinds}",
+             f"             {st['n_params']:,} params = {100 * st['n_params'] / bb:.4f}% of the backbone, "
+             f"{100 * st['n_params'] / st['budget']['params']:.1f}% of the budget (+ head "
+             f"{s['retrain']['params']['head']:,}, not counted)",
+             f"  test {metric}: {s['retrain']['test']['main']:.4f} (s3pet)"]
+    for k, v in (s.get("compare") or {}).items():
+        lines.append(f"  test {metric}: {v['test']['main']:.4f} ({k}, {v['params']['pet']:,} params)")
+    lines.append(f"  time: search {s['cost']['search_seconds']:.0f} s, retrain {s['cost']['retrain_seconds']:.0f} s, "
+                 f"total {s['seconds']:.0f} s")
+    lines.append(f"  plots: {', '.join(Path(p).name for p in s['plots'] if str(p).endswith('.png'))}")
+    return "\n".join(lines)

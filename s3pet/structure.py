@@ -83,7 +83,7 @@ def from_specs(kept: list[tuple[ModuleSpec, float]], backbone: nn.Module, space:
     for spec, score in kept:
         s = spec.site
         modules.append({"site": s.path, "stack": s.stack, "layer": s.layer, "role": s.role, "kind": spec.kind,
-                        "rank": spec.units, "n_params": spec.n_params, "score": round(float(score), 6),
+                        "rank": spec.units, "n_params": spec.n_params, "score": None if score is None else round(float(score), 6),
                         "params": spec.params})
     prov = {"s3pet_version": s3pet.__version__, **(provenance or {})}
     return Structure(base_model_record(backbone), space, dict(budget), modules, prov)

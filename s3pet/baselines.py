@@ -1,0 +1,159 @@
+"""Hand-designed PET structures sized to a budget, and random structures from a space.
+
+Each builder returns the structure a practitioner would pick by hand, as large as possible
+without exceeding the budget:
+- ``lora``: LoRA on query and value (Hu et al.) at the largest uniform rank that fits; if even
+  rank 1 does not fit on every layer, rank 1 on the top layers. Wider placements (q,k,v,o; all
+  linears) are taken when they use more of the budget at rank >= 1.
+- ``adapter``: Houlsby adapters after both sublayers of every layer at the largest uniform
+  bottleneck; then FFN-only (Pfeiffer); then fewer (top) layers at bottleneck 1.
+- ``bitfit`` / ``lnfit``: every bias / every norm scale; if that exceeds the budget, the
+  most useful ones first (BitFit's query and FFN-input biases; top layers first).
+- ``random``: candidates of a space in a seeded random order, kept greedily under the budget
+  (the same derivation as the search, with random scores).
+``full`` (every weight trains) has no structure.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from s3pet import budget as B
+from s3pet import structure as S
+from s3pet.errors import BudgetError, ConfigError
+from s3pet.space import ModuleSpec, Site, discover_sites, instantiate, load_space, stack_depths
+from s3pet.deltas import KINDS
+from s3pet.supernet import kept_specs
+
+METHODS = ("full", "lora", "adapter", "bitfit", "lnfit", "random")
+
+
+def _spec(site: Site, kind: str, units: int, **params) -> ModuleSpec:
+    return ModuleSpec(site, kind, KINDS[kind].check_params(params), units)
+
+
+def _total(specs) -> int:
+    return sum(s.n_params for s in specs)
+
+
+def _top_first(sites: list[Site]) -> list[Site]:
+    return sorted(sites, key=lambda s: (-s.layer, s.stack))
+
+
+def _uniform(sites: list[Site], kind: str, budget: int, **params) -> list[ModuleSpec]:
+    """Largest uniform size on all ``sites``; else size 1 on as many top-layer sites as fit."""
+    if not sites:
+        return []
+    per_unit = sum(_spec(s, kind, 1, **params).unit_params for s in sites)
+    units = budget // per_unit
+    if units >= 1:
+        return [_spec(s, kind, int(units), **params) for s in sites]
+    chosen, used = [], 0
+    for s in _top_first(sites):
+        sp = _spec(s, kind, 1, **params)
+        if used + sp.n_params <= budget:
+            chosen.append(sp)
+            used += sp.n_params
+    return chosen
+
+
+def _best_of(options: list[list[ModuleSpec]]) -> list[ModuleSpec]:
+    """The option that uses the most of the budget (the first on ties: the conventional one)."""
+    best = max(options, key=_total)
+    return best
+
+
+def lora_specs(sites: list[Site], budget: int, alpha: float = 16.0) -> list[ModuleSpec]:
+    lin = [s for s in sites if s.host == "linear"]
+    qv = [s for s in lin if s.role in ("attn.q", "attn.v", "attn.qkv")]
+    attn = [s for s in lin if s.role.startswith("attn.") and s.role != "attn.other"]
+    every = [s for s in lin if s.role != "other"]
+    options = []
+    for group in (qv, attn, every):
+        sp = _uniform(group, "lora", budget, alpha=alpha)
+        if sp and all(x.units >= 1 for x in sp) and len(sp) == len(group):
+            options.append(sp)
+    if not options:  # not even rank 1 on every q/v: rank 1 on the top layers
+        options.append(_uniform(qv or lin, "lora", budget, alpha=alpha))
+    # Prefer the conventional q,v placement unless a wider one fills clearly more (>10%) of the budget.
+    best = options[0]
+    for o in options[1:]:
+        if _total(o) > 1.1 * _total(best):
+            best = o
+    return best
+
+
+def adapter_specs(sites: list[Site], budget: int) -> list[ModuleSpec]:
+    blocks = [s for s in sites if s.host == "block"]
+    both = blocks
+    ffn = [s for s in blocks if s.role == "ffn.block"]
+    for group in (both, ffn):
+        per = sum(_spec(s, "adapter", 1).unit_params for s in group)
+        if group and budget // per >= 1:
+            return [_spec(s, "adapter", int(budget // per)) for s in group]
+    return _uniform(ffn or blocks, "adapter", budget)
+
+
+def _fill(specs: list[ModuleSpec], budget: int) -> list[ModuleSpec]:
+    out, used = [], 0
+    for sp in specs:
+        if used + sp.n_params <= budget:
+            out.append(sp)
+            used += sp.n_params
+    return out
+
+
+def bitfit_specs(sites: list[Site], budget: int) -> list[ModuleSpec]:
+    pri = {"attn.q": 0, "ffn.in": 1}
+    cands = [s for s in sites if s.host in ("linear", "norm")]
+    cands.sort(key=lambda s: (pri.get(s.role, 2), -s.layer))
+    return _order(_fill([_spec(s, "bitfit", 1) for s in cands], budget), sites)
+
+
+def lnfit_specs(sites: list[Site], budget: int) -> list[ModuleSpec]:
+    cands = _top_first([s for s in sites if s.host == "norm"])
+    return _order(_fill([_spec(s, "lnfit", 1) for s in cands], budget), sites)
+
+
+def _order(specs: list[ModuleSpec], sites: list[Site]) -> list[ModuleSpec]:
+    pos = {(s.path, s.role): i for i, s in enumerate(sites)}
+    return sorted(specs, key=lambda m: pos[(m.site.path, m.site.role)])
+
+
+def random_specs(sites: list[Site], budget: int, space: str = "s3pet-m", seed: int = 0):
+    """A random structure of a space: random scores, then the search's greedy derivation."""
+    specs = instantiate(load_space(space), sites)
+    off = 0
+    for sp in specs:
+        sp.offset = off
+        off += sp.units
+    n = torch.tensor([sp.unit_params for sp in specs for _ in range(sp.units)], dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(off, generator=g, dtype=torch.float64)
+    keep = B.derive(p, n, budget)
+    return kept_specs(specs, keep, p)
+
+
+def baseline_structure(method: str, backbone: nn.Module, budget: int, seed: int = 0, space: str = "s3pet-m",
+                       budget_record: dict | None = None) -> S.Structure | None:
+    """The structure of a baseline method under ``budget`` (None for full fine-tuning)."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown baseline method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "full":
+        return None
+    sites = discover_sites(backbone)
+    if method == "random":
+        kept = random_specs(sites, budget, space, seed)
+        space_name = f"random:{load_space(space).name}"
+    else:
+        build = {"lora": lora_specs, "adapter": adapter_specs, "bitfit": bitfit_specs, "lnfit": lnfit_specs}[method]
+        kept = [(sp, None) for sp in build(sites, budget)]
+        space_name = method
+    if not kept:
+        raise BudgetError(f"budget {budget} is too small for any {method} module on this model")
+    brec = budget_record or {"params": budget, "fraction": None}
+    return S.from_specs(kept, backbone, space_name, brec, {"method": method, "seed": seed})
+
+
+__all__ = ["METHODS", "baseline_structure", "stack_depths"]
