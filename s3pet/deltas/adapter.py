@@ -56,10 +56,14 @@ class AdapterKind(DeltaKind):
     name = "adapter"
     hosts = ("block",)
     stage = 2
-    defaults = {"bottleneck": 0, "reduction": 16, "activation": "relu"}
+    defaults = {"bottleneck": None, "reduction": 16, "activation": "relu"}  # bottleneck overrides reduction
 
     def check_params(self, params):
-        return _check_act(super().check_params(params))
+        out = _check_act(super().check_params(params))
+        b = out["bottleneck"]
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise ConfigError(f"field 'bottleneck' of kind 'adapter' must be a positive integer, got {b!r}")
+        return out
 
     def max_units(self, site, params):
         return _bottleneck(site.d_out, params)
