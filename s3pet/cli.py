@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="s3pet", description="Search where to put parameter-efficient tuning "
                                 "modules under a parameter budget (S3PET).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"s3pet {__import__('s3pet').__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sp = sub.add_parser("space", help="list every candidate of a search space on a model")
