@@ -111,7 +111,7 @@ def _default_stack(model: nn.Module) -> str:
     try:
         from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                             MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-        mt = getattr(model.config, "model_type", "")
+        mt = getattr(getattr(model, "config", None), "model_type", "")
         if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
             return "decoder"
     except ImportError:  # pragma: no cover - very old transformers
@@ -252,9 +252,9 @@ class SpaceEntry:
         if self.layers is None:
             return True
         n = depths.get(site.stack, 1)
+        if not 0 <= site.layer < n:  # layer filters select blocks only, never the emb/final norms
+            return False
         if isinstance(self.layers, dict):
-            if not 0 <= site.layer < n:
-                return False
             rel = site.layer / max(n - 1, 1)
             return self.layers.get("from", 0.0) - 1e-9 <= rel <= self.layers.get("to", 1.0) + 1e-9
         return site.layer in _expand_layers(self.layers, n)
@@ -354,10 +354,14 @@ def _check_layers(layers: Any, at: str) -> None:
     if layers is None:
         return
     if isinstance(layers, dict):
-        ok = set(layers) <= {"from", "to"} and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in layers.values())
-        if ok:
+        ok = set(layers) <= {"from", "to"} and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in layers.values())
+        if ok and layers.get("from", 0.0) <= layers.get("to", 1.0):
             return
-    elif isinstance(layers, list) and all(isinstance(x, int) or re.fullmatch(r"\d+-\d+", str(x)) for x in layers):
+    elif isinstance(layers, list) and layers and all(
+            (isinstance(x, int) and not isinstance(x, bool))
+            or (isinstance(x, str) and re.fullmatch(r"\d+-\d+", x) and int(x.split("-")[0]) <= int(x.split("-")[1]))
+            for x in layers):
         return
     raise ConfigError(f"{at}.layers: use a list of indices/ranges like [0, \"2-4\"] or a relative depth "
                       "like {\"from\": 0.5, \"to\": 1.0}")

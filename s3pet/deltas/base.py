@@ -55,9 +55,14 @@ class DeltaKind(ABC):
                               f"allowed: {sorted(self.defaults) or 'none'}")
         out = {**self.defaults, **params}
         for k, v in params.items():
-            if isinstance(self.defaults[k], (int, float)) and not isinstance(v, bool):
-                if not isinstance(v, (int, float)) or v <= 0:
-                    raise ConfigError(f"field '{k}' of kind '{self.name}' must be a positive number, got {v!r}")
+            d = self.defaults[k]
+            if isinstance(d, bool) or not isinstance(d, (int, float)):
+                continue
+            if isinstance(d, int):  # unit counts and reductions are whole numbers
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ConfigError(f"field '{k}' of kind '{self.name}' must be a positive integer, got {v!r}")
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise ConfigError(f"field '{k}' of kind '{self.name}' must be a positive number, got {v!r}")
         return out
 
     def max_units(self, site: "Site", params: dict) -> int:
