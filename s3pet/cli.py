@@ -174,17 +174,27 @@ def cmd_evaluate(args) -> int:
 def cmd_run(args) -> int:
     from s3pet.pipeline import run_all
 
-    run_all(args.model, args.task, args.space, args.budget, args.out, _search_cfg(args, **_run_search_over(args)),
-            _train_cfg(args, **_run_train_over(args)), compare=args.compare, data_dir=args.data_dir)
+    run_all(args.model, args.task, args.space, args.budget, args.out, _search_cfg(args, epochs=args.search_epochs),
+            _train_cfg(args), compare=args.compare, data_dir=args.data_dir)
     return 0
 
 
-def _run_search_over(args) -> dict:
-    return {"epochs": args.search_epochs} if args.search_epochs else {}
+def cmd_optuna(args) -> int:
+    from s3pet.optuna_search import optuna_search
 
-
-def _run_train_over(args) -> dict:
-    return {}
+    m = optuna_search(args.model, args.task, args.space, args.budget, args.out, args.trials, storage=args.storage,
+                      study_name=args.study, objective=args.objective, pruner=args.pruner, cfg=_train_cfg(args),
+                      data_dir=args.data_dir, seed=args.seed or 0, granularity=args.granularity,
+                      layer_groups=args.layer_groups)
+    t, best = m["trials"], m["best"]
+    print(f"study {m['study']}: {t['total']} trials ({t['complete']} complete, {t['pruned']} pruned, "
+          f"{t['failed']} failed); this worker ran {len(t['this_worker']['numbers'])} in {m['cost']['seconds']:.0f} s")
+    if best:
+        test = "n/a" if best["test"] is None else f"{best['test']:.4f}"
+        what = "best_structure.json" if m["objective"] == "single" else f"pareto.json ({len(m['pareto'])} on the front)"
+        print(f"best validation {m['main_metric']}: {best['validation']:.4f} (trial {best['trial']}, test {test}, "
+              f"{best['n_params']:,} PET params) -> {what}")
+    return 0
 
 
 def cmd_plot(args) -> int:
@@ -329,14 +339,38 @@ def build_parser() -> argparse.ArgumentParser:
     common_train(sp)
     search_only(sp)
     sp.add_argument("--lr", type=float, default=None, help="retrain learning rate")
-    sp.set_defaults(model="minilm")
     sp.add_argument("--task", default="rotten-tomatoes")
     sp.add_argument("--space", default="s3pet-m")
     sp.add_argument("--budget", default="0.05%")
-    sp.add_argument("--search-epochs", type=float, default=None)
+    sp.add_argument("--search-epochs", type=float, default=2.0, help="search passes over D_w")
+    # Defaults of the main job: sized so that search + retrain + plots take a few minutes on
+    # 2 CPU cores (see README); pass 0 to --max-train-samples / --max-eval-samples for all data.
+    sp.set_defaults(model="minilm", max_train_samples=2000, max_eval_samples=500, epochs=2.0, lr=3e-3,
+                    head_lr=1e-2, w_lr=3e-3)
     sp.add_argument("--compare", action="store_true", help="also train a random structure and BitFit of the same budget")
     sp.add_argument("--out", required=True)
     sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("optuna", help="discrete structure search: Optuna samples structures, each is retrained")
+    common_train(sp)
+    train_only(sp)
+    sp.set_defaults(model="minilm")
+    sp.add_argument("--task", required=True)
+    sp.add_argument("--space", default="s3pet-m")
+    sp.add_argument("--budget", required=True, help="parameters (25000, 25k) or share of the backbone (0.01%%)")
+    sp.add_argument("--trials", type=int, required=True, help="trials this worker runs (each worker adds its own)")
+    sp.add_argument("--storage", default=None, help="study storage URL: sqlite:///study.db, postgresql://..., "
+                    "mysql://...; omitted: in memory")
+    sp.add_argument("--study", default=None, help="study name (workers with the same name and storage share it)")
+    sp.add_argument("--objective", choices=["single", "multi"], default="single",
+                    help="single: validation metric; multi: validation metric vs PET parameters (NSGA-II)")
+    sp.add_argument("--pruner", choices=["median", "none"], default="median",
+                    help="stop weak trials at validations (single objective)")
+    sp.add_argument("--granularity", choices=["auto", "module", "group"], default="auto",
+                    help="one sampled size per module, or per role and layer group (auto: by space size)")
+    sp.add_argument("--layer-groups", type=int, default=3, help="layer groups per stack (group granularity)")
+    sp.add_argument("--out", default=None, help="run directory (default outputs/optuna/<study>)")
+    sp.set_defaults(func=cmd_optuna)
 
     sp = sub.add_parser("plot", help="plot runs or structures (heatmaps, gates, trajectory, graph)")
     sp.add_argument("inputs", nargs="+", help="run directories or structure.json files")
@@ -377,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     _quiet_libraries()
     try:
+        from s3pet import dist
+
+        if hasattr(args, "device") and os.environ.get("WORLD_SIZE", "1") != "1":
+            args.device = dist.init_from_env(args.device or "auto")  # launched by torchrun
         return int(args.func(args) or 0)
     except S3petError as e:
         print(f"s3pet: error: {e}", file=sys.stderr)

@@ -65,16 +65,24 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def batches(split: EncodedSplit, batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0,
-            epoch: int = 0, start: int = 0, drop_last: bool = False):
-    """Yield padded batches; ``start`` skips the first batches of an epoch (resume)."""
+            epoch: int = 0, start: int = 0, drop_last: bool = False, shard: tuple[int, int] = (0, 1)):
+    """Yield padded batches; ``start`` skips this shard's first batches of the epoch (resume).
+
+    ``shard = (rank, world)``: every rank sees the same order and takes every world-th batch
+    (data parallelism); the last batches that do not fill every rank are dropped.
+    """
     order = epoch_order(len(split), seed, epoch) if shuffle else list(range(len(split)))
     nb = len(order) // batch_size if drop_last else -(-len(order) // batch_size)
-    for b in range(start, nb):
+    rank, world = shard
+    mine = list(range(rank, nb - nb % world if world > 1 else nb, world))
+    for b in mine[start:]:
         yield collate(split, order[b * batch_size:(b + 1) * batch_size], pad_id)
 
 
-def n_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
-    return n // batch_size if drop_last else -(-n // batch_size)
+def n_batches(n: int, batch_size: int, drop_last: bool = False, world: int = 1) -> int:
+    """Batches per epoch for one rank."""
+    nb = n // batch_size if drop_last else -(-n // batch_size)
+    return nb // world if world > 1 else nb
 
 
 def to_device(batch: dict, device) -> dict:

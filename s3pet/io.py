@@ -1,4 +1,7 @@
-"""Atomic file writes: a killed process never leaves a half-written file behind."""
+"""Atomic file writes: a killed process never leaves a half-written file behind.
+
+Under data parallelism only rank 0 writes: on other ranks every write here is a no-op.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from typing import Any
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
+    if not _writer():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -42,6 +47,8 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line (history files); a line is written in one call."""
+    if not _writer():
+        return
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=True, default=_default) + "\n")
 
@@ -52,3 +59,9 @@ def _default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _writer() -> bool:
+    from s3pet import dist
+
+    return dist.is_main()

@@ -134,9 +134,11 @@ def _save_delta(path: Path, named: dict[str, torch.Tensor]) -> None:
 
 
 def train_structure(structure: S.Structure | None, task: str, model: str, out: str | Path, cfg: TrainConfig,
-                    data_dir: str | None = None, stage: str = "retrain", extra_config: dict | None = None) -> dict:
+                    data_dir: str | None = None, stage: str = "retrain", extra_config: dict | None = None,
+                    on_eval=None) -> dict:
     """Train a structure (or every weight when ``structure`` is None: full fine-tuning) from
-    scratch on a fresh backbone; best checkpoint on validation, reported on test."""
+    scratch on a fresh backbone; best checkpoint on validation, reported on test.
+    ``on_eval(step, metrics)`` is passed to ``fit`` (called after each validation)."""
     out = _check_out(out)
     full = structure is None
     config = {"command": stage, "model": model, "task": task, "data_dir": data_dir, "train": asdict(cfg),
@@ -164,7 +166,7 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
     n_pet = n_trainable - n_head
     if structure is not None and n_pet != structure.n_params:
         raise StructureError(f"built {n_pet} PET parameters but the structure lists {structure.n_params}")
-    res = fit(tm, groups, enc, cfg, out, full=full)
+    res = fit(tm, groups, enc, cfg, out, full=full, on_eval=on_eval)
     named = {f"head.{k}": v for k, v in tm.head.state_dict().items()}
     if full:
         named.update({f"backbone.{k}": v for k, v in backbone.state_dict().items()})

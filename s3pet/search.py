@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from s3pet import budget as B
 from s3pet import data as D
+from s3pet import dist
 from s3pet.errors import ConfigError
 from s3pet.heads import TaskModel
 from s3pet.io import append_jsonl, atomic_write_bytes, atomic_write_text, write_json
@@ -180,9 +181,10 @@ class BiLevel:
             (g_alpha,) = torch.autograd.grad(loss, [alpha])
         else:
             g_alpha, loss = self._second_order(batch_a, batch_w, u)
-        if cfg.grad_clip:
-            g_alpha = g_alpha * torch.clamp(cfg.grad_clip / (g_alpha.norm() + 1e-12), max=1.0)
         alpha.grad = g_alpha
+        dist.average_gradients([alpha])
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([alpha], cfg.grad_clip)
         self.opt_a.step()
         self.opt_a.zero_grad(set_to_none=True)
         self.sched_a.step()
@@ -220,6 +222,7 @@ class BiLevel:
         self._gates(self._noise(), alpha_grad=False)
         loss = self._loss(batch_w)
         loss.backward()
+        dist.average_gradients(self.w)
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.w, self.cfg.grad_clip)
         self.opt_w.step()
@@ -262,8 +265,9 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
         sn.shift_iters = 12  # fixed, sync-free iterations, warm-started every step
     w_idx, a_idx = split_alpha(len(task.train), cfg.alpha_share, cfg.seed)
     d_w, d_a = _subset(task.train, w_idx), _subset(task.train, a_idx)
-    nb_w = D.n_batches(len(d_w), cfg.batch_size)
-    nb_a = D.n_batches(len(d_a), cfg.batch_size)
+    world, shard = dist.world_size(), (dist.rank(), dist.world_size())
+    nb_w = max(1, D.n_batches(len(d_w), cfg.batch_size, world=world))
+    nb_a = max(1, D.n_batches(len(d_a), cfg.batch_size, world=world))
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * nb_w))
     eval_every = cfg.eval_every or max(1, nb_w // 2)
     ckpt_every = cfg.checkpoint_every or eval_every
@@ -282,9 +286,10 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
         torch.set_rng_state(state["rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
-        _truncate_history(hist, step)
+        if dist.is_main():
+            _truncate_history(hist, step)
         log.info("resumed search at step %d of %d", step, total)
-    elif hist.exists():
+    elif hist.exists() and dist.is_main():
         hist.unlink()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -297,10 +302,10 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
     while step < total:
         if it_w is None or step % nb_w == 0:
             it_w = D.batches(d_w, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed, epoch=step // nb_w,
-                             start=step % nb_w)
+                             start=step % nb_w, shard=shard)
         if it_a is None or step % nb_a == 0:
             it_a = D.batches(d_a, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed + 7919,
-                             epoch=step // nb_a, start=step % nb_a)
+                             epoch=step // nb_a, start=step % nb_a, shard=shard)
         bw = D.to_device(next(it_w), device)
         ba = D.to_device(next(it_a), device)
         sums["loss_alpha"] += bl.alpha_step(ba, bw)
@@ -316,7 +321,8 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
                    **{key: float(v) for key, v in sn.stats(p).items()}}
             for v in sums.values():
                 v.zero_()
-            append_jsonl(hist, rec)
+            if dist.is_main():
+                append_jsonl(hist, rec)
             bar.set_postfix(lw=f"{rec['loss_w']:.3f}", la=f"{rec['loss_alpha']:.3f}",
                             E=f"{rec['expected_params']:.0f}/{sn.budget}")
         if step % eval_every == 0 or step == total:
@@ -324,15 +330,17 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
                 sn.expected_gates()
                 m = evaluate(root.task_model, task.validation, task.card, task.pad_id, cfg.eval_batch_size, device,
                              cfg.precision)
-            append_jsonl(hist, {"step": step, "eval": m})
+            if dist.is_main():
+                append_jsonl(hist, {"step": step, "eval": m})
             if best is None or m["main"] > best["main"]:
                 best, best_step, best_alpha = m, step, sn.alpha.detach().clone()
-        if step % ckpt_every == 0 or step == total:
+        if (step % ckpt_every == 0 or step == total) and dist.is_main():
             _save_checkpoint(ckpt, root, bl, step, best, best_step, best_alpha,
                              seconds + time.perf_counter() - t0, device)
     bar.close()
     seconds += time.perf_counter() - t0
     selected = best_alpha if cfg.select == "best" else sn.alpha.detach().clone()
+    dist.check_same(selected, "gate logits")  # every rank derives the same structure
     return SearchResult(sn, best or {}, best_step, step, seconds, peak_memory_mb(device), selected)
 
 

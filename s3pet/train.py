@@ -15,12 +15,14 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from s3pet import data as D
+from s3pet import dist
 from s3pet.errors import ConfigError
 from s3pet.heads import TaskModel
 from s3pet.io import append_jsonl
@@ -159,11 +161,14 @@ class TrainResult:
 
 
 def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTask, cfg: TrainConfig,
-        run_dir: str | Path | None = None, full: bool = False) -> TrainResult:
+        run_dir: str | Path | None = None, full: bool = False,
+        on_eval: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train the given parameter groups, keep the best validation state, report test there.
 
     ``groups`` maps a name ("deltas", "head", "backbone") to parameters; everything else stays
-    frozen. Returns the best validation metrics and the test metrics of that checkpoint.
+    frozen. ``on_eval(step, metrics)`` is called after each validation (e.g. to report to a
+    pruner); an exception raised there stops training and propagates. Returns the best
+    validation metrics and the test metrics of that checkpoint.
     """
     device = resolve_device(cfg.device)
     model.to(device)
@@ -174,11 +179,12 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
     lr = cfg.full_lr if full else cfg.lr
     opt_groups = [{"params": ps, "lr": (cfg.head_lr or lr) if name == "head" else lr} for name, ps in groups.items()]
     opt = make_adamw(opt_groups, device, cfg.weight_decay)
-    per_epoch = max(1, D.n_batches(len(task.train), cfg.batch_size) // cfg.grad_accum)
+    world, shard = dist.world_size(), (dist.rank(), dist.world_size())
+    per_epoch = max(1, D.n_batches(len(task.train), cfg.batch_size, world=world) // cfg.grad_accum)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
     sched = linear_schedule(opt, total, int(cfg.warmup_ratio * total))
     eval_every = cfg.eval_every or per_epoch
-    hist_path = Path(run_dir) / "history.jsonl" if run_dir else None
+    hist_path = Path(run_dir) / "history.jsonl" if run_dir and dist.is_main() else None
     if hist_path and hist_path.exists():
         hist_path.unlink()
     if device.type == "cuda":
@@ -192,7 +198,8 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
     done = False
     while not done:
         micro = 0
-        for batch in D.batches(task.train, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed, epoch=epoch):
+        for batch in D.batches(task.train, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed, epoch=epoch,
+                               shard=shard):
             batch = D.to_device(batch, device)
             with autocast(device, cfg.precision):
                 logits = model(batch)
@@ -202,6 +209,7 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
             micro += 1
             if micro % cfg.grad_accum:
                 continue
+            dist.average_gradients(trainable)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             opt.step()
@@ -224,6 +232,8 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
                     best_state = [p.detach().clone() for p in trainable]
                 else:
                     bad += 1
+                if on_eval is not None:
+                    on_eval(step, m)
                 if cfg.patience and bad >= cfg.patience:
                     log.info("early stop at step %d (no improvement in %d validations)", step, bad)
                     done = True
