@@ -54,9 +54,18 @@ def jobs(args) -> list[dict]:
     return out
 
 
+TRAIN_SIZES = {"rte": 2490, "mrpc": 3668, "cola": 8551, "stsb": 5749, "sst2": 65349, "cb": 250}
+
+
+def epochs_for(args, task: str, base: float) -> float:
+    """At least ``--min-steps`` optimizer steps on small tasks (at most 20 epochs), else ``base``."""
+    n = min(TRAIN_SIZES.get(task, 10**9), args.max_train_samples or 10**9)
+    return float(min(20.0, max(base, math.ceil(args.min_steps * args.batch_size / n))))
+
+
 def train_settings(args, task: str, seed: int) -> dict:
     """Per-task training settings: a few epochs, larger training sets capped (recorded)."""
-    return dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, seed=seed,
+    return dict(epochs=epochs_for(args, task, args.epochs), batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, seed=seed,
                 max_train_samples=args.max_train_samples, max_length=args.max_length, progress=False,
                 eval_every=0, patience=0)
 
@@ -79,7 +88,7 @@ def run_job(job: dict, args_dict: dict) -> dict:
     t0 = time.perf_counter()
     try:
         if job["method"] in SEARCH_METHODS:
-            scfg = SearchConfig(epochs=args.search_epochs, batch_size=args.batch_size, w_lr=args.w_lr,
+            scfg = SearchConfig(epochs=epochs_for(args, job["task"], args.search_epochs), batch_size=args.batch_size, w_lr=args.w_lr,
                                 alpha_lr=args.alpha_lr, head_lr=args.head_lr, seed=job["seed"],
                                 max_train_samples=args.max_train_samples, max_length=args.max_length,
                                 progress=False)
@@ -105,6 +114,9 @@ def run_job(job: dict, args_dict: dict) -> dict:
     except Exception as e:  # record and go on: one failed run must not stop the grid
         rec.update(status="failed", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-2000:])
     rec["seconds"] = round(time.perf_counter() - t0, 2)
+    if not args.keep_weights:  # the grid needs the numbers, not hundreds of weight files
+        for f in list(d.rglob("*.safetensors")) + list(d.rglob("*.pt")):
+            f.unlink()
     (d / "result.json").write_text(json.dumps(rec, indent=2, sort_keys=True, default=str))
     return rec
 
@@ -125,6 +137,9 @@ def report(out: Path, args) -> str:
     """results.json, results.md and quality.png from every finished run."""
     recs = [r for r in collect(out) if r.get("status") == "ok"]
     failed = [r for r in collect(out) if r.get("status") != "ok"]
+    machines = sorted({r["retrain_cost"].get("machine", "?") for r in recs})
+    if machines:  # the machine the runs ran on, not the one writing the report
+        args.machine = ", ".join(machines)
     (out / "results.json").write_text(json.dumps({"runs": collect(out), "machine": args.machine,
                                                    "command": " ".join(sys.argv)}, indent=2, default=str))
     tasks = [t for t in args.tasks if any(r["task"] == t for r in recs)]
@@ -204,7 +219,7 @@ def _plot(recs, tasks, methods, path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--model-name", default="all-MiniLM-L6-v2")
+    p.add_argument("--model-name", default="all-MiniLM-L6-v2 (real weights, fp16 copy upcast to fp32)")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--tasks", default=",".join(TASKS))
@@ -218,13 +233,15 @@ def main(argv=None) -> int:
     p.add_argument("--head-lr", type=float, default=1e-2)
     p.add_argument("--w-lr", type=float, default=3e-3)
     p.add_argument("--alpha-lr", type=float, default=0.1)
-    p.add_argument("--max-train-samples", type=int, default=8000)
+    p.add_argument("--max-train-samples", type=int, default=4000)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--optuna-trials", type=int, default=3)
+    p.add_argument("--min-steps", type=int, default=300, help="small tasks train for at least this many steps")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--threads", type=int, default=2, help="CPU threads per worker")
     p.add_argument("--time-limit", type=float, default=0, help="stop launching runs after this many seconds")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--keep-weights", action="store_true", help="keep delta.safetensors and search.pt of every run")
     args = p.parse_args(argv)
     args.tasks = args.tasks.split(",")
     args.budgets = args.budgets.split(",")
