@@ -1133,6 +1133,7 @@ def plot_trajectory(traj: Trajectory, axes=None, title: str | None = None):
     if h:
         a.set_ylabel("gates with p > 0.5", fontsize=8.5)
         a.yaxis.set_major_locator(MaxNLocator(integer=True))
+        a.set_ylim(bottom=0, top=max(1.0, max(traj.gates_open.value) * 1.1))  # a count: never below 0
     if traj.gate_entropy.step:
         h += plot(twin(a, "gate entropy"), traj.gate_entropy, "entropy", orange)
     finish(a, "gates", h, "gate statistics")
