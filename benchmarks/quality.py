@@ -54,7 +54,8 @@ def jobs(args) -> list[dict]:
     return out
 
 
-TRAIN_SIZES = {"rte": 2490, "mrpc": 3668, "cola": 8551, "stsb": 5749, "sst2": 65349, "cb": 250}
+TRAIN_SIZES = {"rte": 2490, "mrpc": 3668, "cola": 8551, "stsb": 5749, "sst2": 65349, "cb": 250,
+               "rotten-tomatoes": 8058, "snli": 97890}
 
 
 def epochs_for(args, task: str, base: float) -> float:
