@@ -422,6 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("s3pet: interrupted", file=sys.stderr)
         return 130
+    finally:
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -517,6 +517,8 @@ def _finish(study, out: Path, objective: str, metric: str, brec: dict, mine: lis
     """Write best_structure.json or pareto.json (+ .png) and metrics.json; returns the metrics."""
     from optuna.trial import TrialState
 
+    from s3pet.pipeline import gpu_hours
+
     all_trials = study.get_trials(deepcopy=False)
     count = {s: sum(t.state == getattr(TrialState, s.upper()) for t in all_trials)
              for s in ("complete", "pruned", "fail", "running")}
@@ -533,7 +535,7 @@ def _finish(study, out: Path, objective: str, metric: str, brec: dict, mine: lis
         "best": None,
         "cost": {"seconds": round(wall, 2), "trial_seconds": round(trial_seconds, 2),
                  "peak_memory_mb": round(peak, 1),
-                 "gpu_hours": round(wall / 3600, 5) if device.type == "cuda" else 0.0, "machine": machine(device)},
+                 "gpu_hours": gpu_hours(wall, device), "machine": machine(device)},
     }
     done = [t for t in all_trials if t.state == TrialState.COMPLETE]
     if objective == "single" and done:

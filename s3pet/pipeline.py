@@ -38,9 +38,19 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
+def gpu_hours(seconds: float, device: torch.device) -> float:
+    """GPU-hours of a stage: wall time times the GPUs that ran it (every rank under torchrun)."""
+    from s3pet import dist
+
+    return round(seconds * dist.world_size() / 3600, 5) if device.type == "cuda" else 0.0
+
+
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        from s3pet import dist
+
+        n = dist.world_size()
+        return torch.cuda.get_device_name(device) + (f" x{n}" if n > 1 else "")
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
@@ -116,7 +126,7 @@ def search(model: str, task: str, space: str, budget: str | int, out: str | Path
                "steps": res.steps, "structure": {"n_params": st.n_params, "modules": len(st.modules),
                                                  "by_kind": st.counts_by_kind(), "budget": brec},
                "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
-                        "gpu_hours": round(res.seconds / 3600, 5) if device.type == "cuda" else 0.0,
+                        "gpu_hours": gpu_hours(res.seconds, device),
                         "machine": _machine(device)}}
     write_json(out / "metrics.json", metrics)
     log.info("structure: %s", st.summary())
@@ -181,7 +191,7 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
                           "pet_share_of_backbone": n_pet / bb if bb else 0.0},
                "split_info": td.split_info,
                "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
-                        "gpu_hours": round(res.seconds / 3600, 5) if device.type == "cuda" else 0.0,
+                        "gpu_hours": gpu_hours(res.seconds, device),
                         "machine": _machine(device)}}
     write_json(out / "metrics.json", metrics)
     return metrics
