@@ -54,7 +54,7 @@ from s3pet import budget as B
 from s3pet import structure as S
 from s3pet.errors import ConfigError, S3petError
 from s3pet.io import atomic_write_bytes, write_json
-from s3pet.space import ModuleSpec, discover_sites, instantiate, load_space, stack_depths
+from s3pet.space import ModuleSpec, stack_depths
 from s3pet.train import TrainConfig, resolve_device
 
 log = logging.getLogger(__name__)
@@ -390,8 +390,7 @@ def _search(model, task, space, budget, out, trials, storage, study_name, object
             granularity, layer_groups) -> dict:
     import optuna
 
-    from s3pet.models import count_params, load_backbone
-    from s3pet.pipeline import _check_out, _machine, train_structure, versions
+    from s3pet.pipeline import _check_out, _machine, space_on_model, train_structure, versions
     from s3pet.tasks import get_card
 
     cfg = cfg or TrainConfig()
@@ -401,13 +400,7 @@ def _search(model, task, space, budget, out, trials, storage, study_name, object
         raise ConfigError(f"trials must be a positive integer, got {trials!r}")
     optuna_storage = open_storage(storage)  # first: a bad URL fails before any model loads
     card = get_card(task)
-    backbone = load_backbone(model, seed=cfg.seed)
-    sites = discover_sites(backbone)
-    space_obj = load_space(space)
-    specs = instantiate(space_obj, sites)
-    bb = count_params(backbone)
-    b = B.parse_budget(budget, bb)
-    brec = B.budget_record(b, bb)
+    backbone, space_obj, specs, b, brec = space_on_model(model, space, budget, cfg.seed)
     B.check_budget([sp.unit_params for sp in specs], b)
     gran = resolve_granularity(len(specs), granularity)
     decs = decisions(specs, gran, layer_groups)

@@ -12,6 +12,7 @@ import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -75,6 +76,26 @@ def _check_out(out: str | Path, resume: bool = False) -> Path:
 
 # --------------------------------------------------------------------------- search
 
+class SpaceOnModel(NamedTuple):
+    """A space instantiated on a freshly loaded backbone, with the budget resolved."""
+
+    backbone: torch.nn.Module
+    space: object
+    specs: list
+    budget: int
+    budget_record: dict
+
+
+def space_on_model(model: str, space: str, budget: str | int, seed: int = 0) -> SpaceOnModel:
+    """Load ``model``, instantiate ``space`` on it and parse ``budget`` against its size."""
+    backbone = load_backbone(model, seed=seed)
+    space_obj = load_space(space)
+    specs = instantiate(space_obj, discover_sites(backbone))
+    bb = count_params(backbone)
+    b = B.parse_budget(budget, bb)
+    return SpaceOnModel(backbone, space_obj, specs, b, B.budget_record(b, bb))
+
+
 def search(model: str, task: str, space: str, budget: str | int, out: str | Path, cfg: SearchConfig | None = None,
            resume: bool = False, data_dir: str | None = None) -> dict:
     """Search a structure under ``budget``; writes config.json, history.jsonl, alphas.csv,
@@ -87,13 +108,7 @@ def search(model: str, task: str, space: str, budget: str | int, out: str | Path
             raise ConfigError(f"--resume: {out} holds a search of {old.get('model')}/{old.get('task')}/"
                               f"{old.get('space')}, not {model}/{task}/{space}")
         cfg = SearchConfig.from_dict(old["search"])
-    backbone = load_backbone(model, seed=cfg.seed)
-    sites = discover_sites(backbone)
-    space_obj = load_space(space)
-    specs = instantiate(space_obj, sites)
-    bb = count_params(backbone)
-    b = B.parse_budget(budget, bb)
-    brec = B.budget_record(b, bb)
+    backbone, space_obj, specs, b, brec = space_on_model(model, space, budget, cfg.seed)
     total_space = sum(s.n_params for s in specs)
     config = {"command": "search", "model": model, "task": task, "space": space, "space_spec": space_obj.to_dict(),
               "budget": brec, "budget_arg": str(budget), "space_params": total_space, "data_dir": data_dir,

@@ -31,7 +31,7 @@ from s3pet import data as D
 from s3pet import dist
 from s3pet.errors import ConfigError
 from s3pet.heads import TaskModel
-from s3pet.io import append_jsonl, atomic_write_bytes, atomic_write_text, write_json
+from s3pet.io import append_jsonl, atomic_write_bytes, atomic_write_text
 from s3pet.supernet import CONTROLLERS, Supernet
 from s3pet.train import (EncodedTask, autocast, evaluate, linear_schedule, make_adamw, peak_memory_mb,
                          resolve_device)
