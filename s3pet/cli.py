@@ -52,9 +52,9 @@ def space_report(specs, backbone_params: int, model: str, space: str) -> dict:
         k["modules"] += 1
         k["candidates"] += s.units
         k["params"] += n
-        lk = f"{s.site.stack}.{s.site.layer}"
-        per_layer[lk] = per_layer.get(lk, 0) + n
+        per_layer[(s.site.stack, s.site.layer)] = per_layer.get((s.site.stack, s.site.layer), 0) + n
     total = sum(r["n_params"] for r in rows)
+    per_layer = {f"{st}.{layer}": v for (st, layer), v in sorted(per_layer.items())}  # -1: before the blocks
     return {"model": model, "space": space, "backbone_params": backbone_params, "modules": rows,
             "per_kind": per_kind, "per_layer": per_layer, "total_params": total,
             "candidates": sum(r["units"] for r in rows), "share_of_backbone": total / backbone_params}
