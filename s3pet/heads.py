@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from s3pet.errors import TaskError
 from s3pet.models import is_encoder_decoder
-from s3pet.space import _default_stack
+from s3pet.space import default_stack
 
 
 class TaskModel(nn.Module):
@@ -31,7 +31,7 @@ class TaskModel(nn.Module):
         self.card = card
         cfg = backbone.config
         self.seq2seq = is_encoder_decoder(cfg)
-        self.causal = not self.seq2seq and _default_stack(backbone) == "decoder"
+        self.causal = not self.seq2seq and default_stack(backbone) == "decoder"
         self.mc = card.type == "multiple_choice"
         self.regression = card.type == "regression"
         hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None) or cfg.n_embd

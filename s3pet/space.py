@@ -107,7 +107,8 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     return found
 
 
-def _default_stack(model: nn.Module) -> str:
+def default_stack(model: nn.Module) -> str:
+    """"decoder" for causal-only model types (GPT-2, LLaMA), else "encoder"."""
     try:
         from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                             MODEL_FOR_MASKED_LM_MAPPING_NAMES)
@@ -180,7 +181,7 @@ def discover_sites(model: nn.Module) -> list[Site]:
     if not blocks:
         raise ModelError(f"no stack of transformer blocks found in {type(model).__name__} "
                          "(expected a ModuleList of identical blocks holding linear layers)")
-    default = _default_stack(model)
+    default = default_stack(model)
     sites: list[Site] = []
     in_block: set[str] = set()
     depth = {}
