@@ -90,8 +90,10 @@ def cmd_tasks(args) -> int:
         return 0
     print(f"{'task':16} {'benchmark':10} {'type':16} {'metric':24} splits")
     for r in rows:
-        metric = r.get("main_metric") or r.get("metric") or ",".join(r.get("metrics", []))
-        sizes = r.get("sizes") or r.get("splits") or r.get("availability", "")
+        metric = r.get("main_metric") or ""
+        if metric in ("", "mean"):  # the card's metrics averaged, e.g. MRPC accuracy and F1
+            metric = "mean(" + ",".join(r.get("metrics", [])) + ")"
+        sizes = r.get("sizes") or r.get("where") or ""
         if isinstance(sizes, dict):
             sizes = " ".join(f"{k}={v}" for k, v in sizes.items())
         print(f"{r['name']:16} {str(r.get('benchmark', '')):10} {str(r.get('type', '')):16} {str(metric):24} {sizes}")
@@ -422,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("s3pet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into head and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         import torch.distributed as tdist
 
