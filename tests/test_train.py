@@ -176,3 +176,13 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, needle):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and needle in err and "Traceback" not in err
+
+
+def test_cli_tasks_lists_every_card(capsys):
+    from s3pet.tasks import list_tasks
+
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    for card in list_tasks():
+        assert card.name in out
+    assert "mean(accuracy,f1)" in out  # MRPC's main metric is the mean of its two metrics
