@@ -15,7 +15,6 @@ log = logging.getLogger("s3pet")
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry chatter; failures still end in one line
     try:
         import transformers
 
