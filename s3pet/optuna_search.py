@@ -214,7 +214,9 @@ def open_storage(url: str | None):
             last = e
             text = str(e).lower()
             # Two workers creating the tables at the same moment: the loser retries.
-            if "locked" in text or "already exists" in text:
+            # (SQLite reports it as "locked", "already exists" or a UNIQUE constraint on the
+            # schema-version row written by the table set-up.)
+            if "locked" in text or "already exists" in text or "unique constraint" in text:
                 time.sleep(0.2 * (attempt + 1))
                 continue
             break
