@@ -22,7 +22,7 @@ from torch import nn
 from s3pet import budget as B
 from s3pet import structure as S
 from s3pet.errors import BudgetError, ConfigError
-from s3pet.space import ModuleSpec, Site, discover_sites, instantiate, load_space, stack_depths
+from s3pet.space import ModuleSpec, Site, discover_sites, instantiate, load_space
 from s3pet.deltas import KINDS
 from s3pet.supernet import kept_specs
 
@@ -57,11 +57,6 @@ def _uniform(sites: list[Site], kind: str, budget: int, **params) -> list[Module
             used += sp.n_params
     return chosen
 
-
-def _best_of(options: list[list[ModuleSpec]]) -> list[ModuleSpec]:
-    """The option that uses the most of the budget (the first on ties: the conventional one)."""
-    best = max(options, key=_total)
-    return best
 
 
 def lora_specs(sites: list[Site], budget: int, alpha: float = 16.0) -> list[ModuleSpec]:
@@ -155,5 +150,3 @@ def baseline_structure(method: str, backbone: nn.Module, budget: int, seed: int 
     brec = budget_record or {"params": budget, "fraction": None}
     return S.from_specs(kept, backbone, space_name, brec, {"method": method, "seed": seed})
 
-
-__all__ = ["METHODS", "baseline_structure", "stack_depths"]

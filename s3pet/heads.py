@@ -38,7 +38,7 @@ class TaskModel(nn.Module):
         out = 1 if (self.mc or self.regression) else card.num_labels
         self.dropout = nn.Dropout(dropout)
         self.text_to_text = self.seq2seq and not (self.mc or self.regression)
-        if self.text_to_text and not (self.mc or self.regression):
+        if self.text_to_text:
             if tokenizer is None or not card.label_words:
                 raise TaskError(f"task {card.name}: text-to-text models need label_words in the task card")
             ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in card.label_words]

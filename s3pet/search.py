@@ -19,7 +19,7 @@ import io
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -377,6 +377,3 @@ def write_alphas_csv(path: Path, rows: list[dict]) -> None:
         w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in cols})
     atomic_write_text(path, buf.getvalue())
 
-
-def config_dict(cfg: SearchConfig) -> dict:
-    return asdict(cfg)

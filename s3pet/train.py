@@ -13,7 +13,7 @@ import logging
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -250,6 +250,3 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
     secs = time.perf_counter() - t0
     return TrainResult(best or {}, test, best_step, step, secs, peak_memory_mb(device))
 
-
-def config_dict(cfg) -> dict:
-    return asdict(cfg)
