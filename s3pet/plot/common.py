@@ -1,0 +1,95 @@
+"""Shared vocabulary of the plots: roles, kinds and their codes, sort orders, number formats."""
+
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple, Sequence
+
+# Canonical column order of roles; roles not listed here follow, sorted by name.
+ROLES = (
+    "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o",
+    "xattn.q", "xattn.k", "xattn.v", "xattn.o",
+    "ffn.gate", "ffn.in", "ffn.out",
+    "norm.attn", "norm.xattn", "norm.ffn",
+    "attn.block", "xattn.block", "ffn.block",
+    "norm.emb", "norm.final",
+)
+KINDS = ("lora", "adapter", "lowrank_adapter", "bitfit", "lnfit", "ia3")
+# Kinds whose rank is searched; the others always have rank 1, so their rank is not printed.
+RANKED_KINDS = frozenset({"lora", "adapter"})
+# Short codes written in cells ("L2+B"): one legend entry per code.
+KIND_CODES = {"lora": "L", "adapter": "A", "lowrank_adapter": "LRA", "bitfit": "B",
+              "lnfit": "N", "ia3": "IA3"}
+_STACK_ORDER = ("encoder", "decoder")
+
+Key = tuple  # (stack, layer, role, kind)
+
+
+class _Module(NamedTuple):
+    stack: str
+    layer: int
+    role: str
+    kind: str
+    rank: float
+    n_params: float
+    site: str
+    score: float | None
+
+
+def _stack_sort(stacks: Iterable[str]) -> tuple[str, ...]:
+    s = set(stacks)
+    return tuple(x for x in _STACK_ORDER if x in s) + tuple(sorted(s - set(_STACK_ORDER)))
+
+
+def _role_key(role: str):
+    return (ROLES.index(role), "") if role in ROLES else (len(ROLES), role)
+
+
+def _kind_key(kind: str):
+    return (KINDS.index(kind), "") if kind in KINDS else (len(KINDS), kind)
+
+
+def _infer_stack(site: str, stacks: Sequence[str]) -> str | None:
+    if len(stacks) == 1:
+        return stacks[0]
+    parts = site.split(".")
+    hits = [s for s in stacks if s in parts]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _layer_rows(n_layers: int, observed: Iterable[int]) -> tuple[int, ...]:
+    """Rows of a stack: every block 0..n-1, plus the embedding (-1) / final (n) rows if used."""
+    return tuple(sorted(set(range(n_layers)) | set(observed)))
+
+
+def layer_label(layer: int, n_layers: int) -> str:
+    """'emb' for layer -1, 'final' for the row after the last block, else the block index."""
+    if layer < 0:
+        return "emb"
+    if layer == n_layers:
+        return "final"
+    return str(layer)
+
+
+def _short_model(name: str) -> str:
+    parts = [p for p in str(name).replace("\\", "/").split("/") if p]
+    return "/".join(parts[-2:]) if parts else "?"
+
+
+def _pct(x: float) -> str:
+    v = 100.0 * float(x)
+    if v >= 10:
+        return f"{v:.0f}%"
+    if v >= 1:
+        return f"{v:.1f}%"
+    return f"{v:.2g}%"
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:g}"
+
+
+def _code(kind: str) -> str:
+    return KIND_CODES.get(kind, kind[:3])

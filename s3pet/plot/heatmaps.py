@@ -1,0 +1,147 @@
+"""Heatmap renderers: a structure (combined or per kind), an average of structures, gates."""
+
+from __future__ import annotations
+
+import math
+
+from s3pet.errors import ConfigError, StructureError
+from s3pet.plot.common import RANKED_KINDS, _code
+from s3pet.plot.grids import GateGrid, StructureGrid, cell_label, structure_title
+from s3pet.plot.panels import (_boundaries, _col_width, _colour_bar, _heatmap_panels, _kind_legend,
+                               _Panel, _result, _y_labels)
+from s3pet.plot.style import _light, _text_colour, _text_width, kind_colour
+
+
+def plot_structure(grid: StructureGrid, ax=None, mode: str = "combined"):
+    """Draw a structure as a layers x roles heatmap.
+
+    mode "combined": one panel per stack (encoder and decoder side by side), each cell split
+    into one stripe per kind kept there and labelled with kind codes and ranks ("L2+B").
+    "per-kind": one panel per (stack, kind), cells shaded by rank and labelled with it.
+
+    Returns the Axes, or an array of Axes for several panels.
+
+    Raises:
+        ConfigError: unknown mode.
+    """
+    if mode == "per-kind":
+        return _plot_per_kind(grid, ax, average=False)
+    if mode != "combined":
+        raise ConfigError(f"structure plot mode must be 'combined' or 'per-kind', not {mode!r}")
+    panels = []
+    for s in grid.stacks:
+        roles = grid.roles[s] or ("(none kept)",)
+        cells = {}
+        for i, layer in enumerate(grid.layers[s]):
+            for j, r in enumerate(roles):
+                kinds = grid.cell(s, layer, r)
+                if kinds:
+                    fills = [_light(kind_colour(k, grid.kinds)) for k in kinds]
+                    cells[(i, j)] = (fills, cell_label(kinds), _text_colour(fills))
+        name = (f"{s} ({grid.n_layers[s]} layers)" if len(grid.stacks) > 1
+                else "kept modules: kind code + rank")
+        panels.append(_Panel(name, roles, _y_labels(grid, s), cells,
+                             _col_width(c[1] for c in cells.values()),
+                             _boundaries(grid.layers[s], grid.n_layers[s])))
+    legend_w = (max(_text_width(f"{_code(k)} = {k}", 7.5) for k in grid.kinds) + 0.55
+                if grid.kinds else 0.2)
+    fig, axes, anchor = _heatmap_panels(ax, [panels], legend_w, structure_title(grid))
+    if grid.kinds:
+        _kind_legend(fig, grid.kinds, anchor)
+    return _result(axes)
+
+
+def _plot_per_kind(grid: StructureGrid, ax, average: bool):
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    # Blues without its white end, so that a module kept once in many still shows
+    blues = colormaps["Blues"]
+    cmap = ListedColormap([blues(0.15 + 0.85 * i / 255) for i in range(256)], name="kept")
+    rows = []
+    for s in grid.stacks:
+        row = []
+        for kind in grid.kinds:
+            roles = grid.roles_of(s, kind)
+            if not roles:
+                continue
+            max_rank = max(v for k, v in grid.rank.items() if k[3] == kind)
+            cells = {}
+            for i, layer in enumerate(grid.layers[s]):
+                for j, r in enumerate(roles):
+                    key = (s, layer, r, kind)
+                    if key not in grid.keep:
+                        continue
+                    rank, keep = grid.rank[key], grid.keep[key]
+                    ranked = kind in RANKED_KINDS or abs(rank - 1) > 1e-9
+                    text = f"{rank:.2g}" if ranked else ""
+                    if average:
+                        colour, tcol = cmap(keep), "white" if keep > 0.55 else "black"
+                    else:
+                        # larger ranks darker, on a log scale (ranks are mostly powers of 2):
+                        # from 60% white (rank 1) to the kind's own colour (largest rank)
+                        frac = math.log(rank) / math.log(max_rank) if max_rank > 1 else 0.5
+                        colour = _light(kind_colour(kind, grid.kinds), 0.6 * (1 - frac))
+                        tcol = _text_colour([colour])
+                    cells[(i, j)] = ([colour], text, tcol)
+            name = f"{kind} ({_code(kind)})"
+            row.append(_Panel(f"{s}: {name}" if len(grid.stacks) > 1 else name, roles,
+                              _y_labels(grid, s), cells, _col_width(c[1] for c in cells.values()),
+                              _boundaries(grid.layers[s], grid.n_layers[s])))
+        if row:
+            rows.append(row)
+    if not rows:  # nothing kept: the combined plot shows the empty grid
+        return plot_structure(grid, ax, mode="combined")
+    title = structure_title(grid)
+    if average:
+        title += ("\ncolour: fraction of the structures keeping the module (white: none)"
+                  " · number: mean rank when kept")
+    else:
+        fixed = [k for k in grid.kinds if k not in RANKED_KINDS
+                 and all(abs(v - 1) < 1e-9 for key, v in grid.rank.items() if key[3] == k)]
+        title += "\nnumber and shade: rank" + (
+            f" ({', '.join(fixed)}: rank 1, not written)" if fixed else "")
+    fig, axes, anchor = _heatmap_panels(ax, rows, 1.1 if average else 0.1, title)
+    if average:
+        _colour_bar(fig, anchor, cmap, "fraction kept")
+    return _result(axes)
+
+
+def plot_average(grid: StructureGrid, ax=None):
+    """Draw an averaged structure (``average_grid``): one panel per (stack, kind), each cell
+    shaded by the fraction of structures keeping the module, labelled with its mean rank."""
+    return _plot_per_kind(grid, ax, average=True)
+
+
+def plot_gates(grid: GateGrid, ax=None):
+    """Draw gate probabilities: one panel per (stack, kind), cells coloured by p on a fixed
+    0..1 scale and labelled with it; blank cells have no candidate. Returns Axes (or array)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    rows = []
+    for s in grid.stacks:
+        row = []
+        for kind in grid.kinds:
+            roles = grid.roles_of(s, kind)
+            if not roles:
+                continue
+            cells = {}
+            for i, layer in enumerate(grid.layers[s]):
+                for j, r in enumerate(roles):
+                    p = grid.p.get((s, layer, r, kind))
+                    if p is not None:
+                        cells[(i, j)] = ([cmap(p)], f"{p:.2f}", "black" if p > 0.6 else "white")
+            row.append(_Panel(f"{s}: {kind}" if len(grid.stacks) > 1 else kind, roles,
+                              _y_labels(grid, s), cells, _col_width(["0.00"]),
+                              _boundaries(grid.layers[s], grid.n_layers[s])))
+        if row:
+            rows.append(row)
+    if not rows:
+        raise StructureError("no gate probabilities to plot")
+    n_cand, n_open = sum(grid.count.values()), sum(grid.n_open.values())
+    title = (f"gate probabilities: {grid.agg} p of each cell's candidates · "
+             f"{n_open} of {n_cand} candidates have p > 0.5")
+    fig, axes, anchor = _heatmap_panels(ax, rows, 0.9, title)
+    _colour_bar(fig, anchor, cmap, f"{grid.agg} p")
+    return _result(axes)

@@ -1,0 +1,54 @@
+"""Colours, text widths and figures shared by the renderers (matplotlib imported when called)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+# Okabe-Ito colours (colour-blind safe), lightened in the renderers so black text stays legible.
+KIND_COLOURS = {"lora": "#56B4E9", "adapter": "#F0E442", "lowrank_adapter": "#CC79A7",
+                "bitfit": "#E69F00", "lnfit": "#009E73", "ia3": "#D55E00"}
+# Further kinds (Paul Tol's muted palette, picked to differ in hue from the six above).
+_EXTRA_COLOURS = ("#999933", "#332288", "#882255", "#44AA99", "#999999", "#AA4499")
+
+
+def _new_figure(width: float, height: float):
+    """A Figure on an Agg canvas (no pyplot state, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _light(colour: str, amount: float = 0.35) -> tuple[float, float, float]:
+    """Blend a colour with white so that black text on it stays readable."""
+    from matplotlib.colors import to_rgb
+
+    r, g, b = to_rgb(colour)
+    return (r + (1 - r) * amount, g + (1 - g) * amount, b + (1 - b) * amount)
+
+
+def _text_colour(fills) -> str:
+    """Black on light fills, white on dark ones (mean relative luminance of the stripes)."""
+    from matplotlib.colors import to_rgb
+
+    def lum(c):
+        r, g, b = (x / 12.92 if x <= 0.04045 else ((x + 0.055) / 1.055) ** 2.4 for x in to_rgb(c))
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    return "black" if sum(map(lum, fills)) / len(fills) > 0.18 else "white"
+
+
+def kind_colour(kind: str, kinds: Sequence[str] = ()) -> str:
+    """Fixed colour of a kind; unknown kinds take spare colours in their order in ``kinds``."""
+    if kind in KIND_COLOURS:
+        return KIND_COLOURS[kind]
+    extra = [k for k in kinds if k not in KIND_COLOURS]
+    i = extra.index(kind) if kind in extra else sum(map(ord, kind))
+    return _EXTRA_COLOURS[i % len(_EXTRA_COLOURS)]
+
+
+def _text_width(text: str, size: float) -> float:
+    """Rough width in inches of ``text`` at font ``size`` (DejaVu Sans averages ~0.6 em)."""
+    return len(text) * size * 0.6 / 72
