@@ -93,3 +93,13 @@ def _human(n: float) -> str:
 
 def _code(kind: str) -> str:
     return KIND_CODES.get(kind, kind[:3])
+
+
+def _shows_rank(kind: str, rank: float) -> bool:
+    """Whether a module's rank is written: always for searched ranks, else only if not 1."""
+    return kind in RANKED_KINDS or abs(rank - 1) > 1e-9
+
+
+def _kind_entry(kind: str) -> str:
+    """Legend text of a kind, e.g. 'L = lora'."""
+    return f"{_code(kind)} = {kind}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from s3pet.plot.common import KIND_CODES, RANKED_KINDS, _code, _kind_key, _role_key, _stack_sort
+from s3pet.plot.common import _code, _kind_entry, _kind_key, _role_key, _shows_rank, _stack_sort
 from s3pet.plot.grids import structure_grid, structure_title
 from s3pet.plot.read import _modules_of
 from s3pet.plot.style import _light, _new_figure, _text_colour, _text_width, kind_colour
@@ -45,7 +45,7 @@ _SUB_LABELS = {"attn": "attention", "xattn": "x-attention", "ffn": "FFN", "norm.
 
 def module_label(kind: str, rank: float) -> str:
     """Graph label of a kept module: kind, plus the rank for kinds whose rank is searched."""
-    if kind in RANKED_KINDS or abs(rank - 1) > 1e-9:
+    if _shows_rank(kind, rank):
         return f"{kind} r{rank:g}"
     return kind
 
@@ -159,7 +159,7 @@ def plot_graph(graph, ax=None):
     kinds = sorted({d["kind"] for _, d in graph.nodes(data=True) if d.get("type") == "module"},
                    key=_kind_key)
     multi = len(graph.graph["stacks"]) > 1
-    legend = [(f"{_code(k)} = {k}", _light(kind_colour(k, kinds))) for k in kinds]
+    legend = [(_kind_entry(k), _light(kind_colour(k, kinds))) for k in kinds]
     legend.append(("block (its residual input)", "#3a3a3a"))
     if any(str(k).endswith(".block") for _, k in graph.nodes(data="role")):
         legend.append(("post = sequential adapter after the sublayer", None))
@@ -194,15 +194,14 @@ def plot_graph(graph, ax=None):
             role = d["role"]
             head, _, tail = role.partition(".")
             short = "post" if tail == "block" else ("" if head == "norm" else tail or role)
-            code = KIND_CODES.get(d["kind"], d["kind"][:3])
-            if d["kind"] in RANKED_KINDS or abs(d["rank"] - 1) > 1e-9:
+            code = _code(d["kind"])
+            if _shows_rank(d["kind"], d["rank"]):
                 code += f"{d['rank']:g}"
             return f"{short} {code}".strip()
         return d["label"] + (f" ({d['stack'][:3]})" if multi and t in ("embed", "output") else "")
 
-    styles = {"block": dict(fc="#3a3a3a", ec="#3a3a3a", color="white"),
-              "embed": dict(fc="#3a3a3a", ec="#3a3a3a", color="white"),
-              "output": dict(fc="#3a3a3a", ec="#3a3a3a", color="white"),
+    dark = dict(fc="#3a3a3a", ec="#3a3a3a", color="white")  # the residual stream's nodes
+    styles = {"block": dark, "embed": dark, "output": dark,
               "sublayer": dict(fc="#e4e4e4", ec="#9a9a9a", color="black"),
               "norm": dict(fc="#f7f7f7", ec="#b0b0b0", color="#444444")}
     for v, (x, y) in pos.items():

@@ -8,9 +8,28 @@ from collections import defaultdict
 from typing import Iterable, NamedTuple, Sequence
 
 from s3pet.errors import ConfigError, StructureError
-from s3pet.plot.common import (KIND_CODES, RANKED_KINDS, Key, _human, _infer_stack, _kind_key,
-                               _layer_rows, _Module, _pct, _role_key, _short_model, _stack_sort)
+from s3pet.plot.common import (Key, _code, _human, _infer_stack, _kind_key, _layer_rows, _Module, _pct,
+                               _role_key, _short_model, _shows_rank, _stack_sort)
 from s3pet.plot.read import _modules_of
+
+
+def _roles_with(roles: Sequence[str], cells: Iterable[Key], stack: str, kind: str) -> tuple[str, ...]:
+    """The roles (in the given order) of the cells of ``kind`` in ``stack``."""
+    return tuple(r for r in roles if any(k[0] == stack and k[2] == r and k[3] == kind for k in cells))
+
+
+def _axes(sizes: dict[str, int], cells: Iterable[Key]) -> tuple[list[Key], dict]:
+    """The cell keys in display order, and the fields shared by both grids: stacks (encoder,
+    decoder, others), n_layers, layers (rows), roles (columns, canonical order) and kinds."""
+    stacks = _stack_sort(sizes)
+    keys = sorted(cells, key=lambda k: (stacks.index(k[0]), k[1], _role_key(k[2]), _kind_key(k[3])))
+    return keys, dict(
+        stacks=stacks,
+        n_layers={s: sizes[s] for s in stacks},
+        layers={s: _layer_rows(sizes[s], (k[1] for k in keys if k[0] == s)) for s in stacks},
+        roles={s: tuple(sorted({k[2] for k in keys if k[0] == s}, key=_role_key)) for s in stacks},
+        kinds=tuple(sorted({k[3] for k in keys}, key=_kind_key)),
+    )
 
 
 class StructureGrid(NamedTuple):
@@ -39,8 +58,7 @@ class StructureGrid(NamedTuple):
 
     def roles_of(self, stack: str, kind: str) -> tuple[str, ...]:
         """Columns of a per-kind panel: roles where ``kind`` occurs in ``stack``."""
-        return tuple(r for r in self.roles[stack]
-                     if any(k[0] == stack and k[2] == r and k[3] == kind for k in self.keep))
+        return _roles_with(self.roles[stack], self.keep, stack, kind)
 
 
 def _info_of(structure: dict) -> dict:
@@ -73,14 +91,9 @@ def _grid_from(per_structure: list[tuple[dict[str, int], list[_Module]]],
             rank_sum[key] += r
             param_sum[key] += p
             count[key] += 1
-    stacks = _stack_sort(n_layers)
-    keys = sorted(count, key=lambda k: (stacks.index(k[0]), k[1], _role_key(k[2]), _kind_key(k[3])))
+    keys, axes = _axes(n_layers, count)
     return StructureGrid(
-        stacks=stacks,
-        n_layers={s: n_layers[s] for s in stacks},
-        layers={s: _layer_rows(n_layers[s], (k[1] for k in keys if k[0] == s)) for s in stacks},
-        roles={s: tuple(sorted({k[2] for k in keys if k[0] == s}, key=_role_key)) for s in stacks},
-        kinds=tuple(sorted({k[3] for k in keys}, key=_kind_key)),
+        **axes,
         rank={k: rank_sum[k] / count[k] for k in keys},
         params={k: param_sum[k] / count[k] for k in keys},
         keep={k: count[k] / n for k in keys},
@@ -163,8 +176,8 @@ def cell_label(ranks: dict[str, float]) -> str:
     """Text of a combined-heatmap cell, e.g. {'lora': 2, 'bitfit': 1} -> 'L2+B'."""
     out = []
     for kind, r in ranks.items():
-        code = KIND_CODES.get(kind, kind[:3])
-        if kind in RANKED_KINDS or abs(r - 1) > 1e-9:
+        code = _code(kind)
+        if _shows_rank(kind, r):
             code += f"{r:.3g}"
         out.append(code)
     return "+".join(out)
@@ -185,8 +198,7 @@ class GateGrid(NamedTuple):
 
     def roles_of(self, stack: str, kind: str) -> tuple[str, ...]:
         """Roles where ``kind`` has candidates in ``stack``."""
-        return tuple(r for r in self.roles[stack]
-                     if any(k[0] == stack and k[2] == r and k[3] == kind for k in self.p))
+        return _roles_with(self.roles[stack], self.p, stack, kind)
 
 
 def gate_grid(rows: Iterable[dict], agg: str = "mean",
@@ -225,16 +237,10 @@ def gate_grid(rows: Iterable[dict], agg: str = "mean",
     sizes = dict(n_layers or {})
     for s in {k[0] for k in values}:
         sizes.setdefault(s, blocks.get(s, -1) + 1)
-    stacks = _stack_sort(sizes)
-    keys = sorted(values, key=lambda k: (stacks.index(k[0]), k[1], _role_key(k[2]),
-                                         _kind_key(k[3])))
+    keys, axes = _axes(sizes, values)
     reduce = max if agg == "max" else (lambda v: sum(v) / len(v))
     return GateGrid(
-        stacks=stacks,
-        n_layers={s: sizes[s] for s in stacks},
-        layers={s: _layer_rows(sizes[s], (k[1] for k in keys if k[0] == s)) for s in stacks},
-        roles={s: tuple(sorted({k[2] for k in keys if k[0] == s}, key=_role_key)) for s in stacks},
-        kinds=tuple(sorted({k[3] for k in keys}, key=_kind_key)),
+        **axes,
         p={k: reduce(values[k]) for k in keys},
         count={k: len(values[k]) for k in keys},
         n_open={k: sum(v > 0.5 for v in values[k]) for k in keys},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable, NamedTuple, Sequence
 
-from s3pet.plot.common import _code, layer_label
+from s3pet.plot.common import _kind_entry, layer_label
 from s3pet.plot.style import _light, _new_figure, _text_width, kind_colour
 
 
@@ -150,7 +150,7 @@ def _kind_legend(fig, kinds: Sequence[str], anchor, title: str = "kind"):
     from matplotlib.patches import Patch
 
     handles = [Patch(facecolor=_light(kind_colour(k, kinds)), edgecolor="#888888",
-                     label=f"{_code(k)} = {k}") for k in kinds]
+                     label=_kind_entry(k)) for k in kinds]
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=anchor, fontsize=7.5,
                title=title, title_fontsize=8, frameon=False, alignment="left")
 

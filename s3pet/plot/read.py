@@ -15,6 +15,14 @@ from s3pet.plot.common import _infer_stack, _Module
 logger = logging.getLogger(__name__)
 
 
+def _existing(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` as a Path; raises ConfigError if it is not a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no such {what}: {path}")
+    return path
+
+
 def read_structure(path: str | os.PathLike) -> dict:
     """Load and check a ``structure.json``.
 
@@ -22,9 +30,7 @@ def read_structure(path: str | os.PathLike) -> dict:
         ConfigError: the file does not exist.
         StructureError: it is not JSON or not an s3pet structure.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"no such structure file: {path}")
+    path = _existing(path, "structure file")
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
@@ -36,9 +42,7 @@ def read_structure(path: str | os.PathLike) -> dict:
 
 def read_alphas(path: str | os.PathLike) -> list[dict]:
     """Rows of an ``alphas.csv`` as dicts (values still strings; ``gate_grid`` converts)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"no such file: {path}")
+    path = _existing(path)
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         missing = {"layer", "role", "kind", "p"} - set(reader.fieldnames or ())
@@ -49,9 +53,7 @@ def read_alphas(path: str | os.PathLike) -> list[dict]:
 
 def read_history(path: str | os.PathLike) -> list[dict]:
     """Records of a ``history.jsonl``; a truncated last line (a killed run) is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"no such file: {path}")
+    path = _existing(path)
     lines = path.read_text(encoding="utf-8").splitlines()
     records = []
     for i, line in enumerate(lines, 1):
