@@ -107,7 +107,7 @@ def _train_cfg(args, **over):
 
     d = {k: getattr(args, k) for k in ("epochs", "max_steps", "batch_size", "lr", "full_lr", "head_lr", "weight_decay",
                                         "grad_clip", "grad_accum", "eval_every", "patience", "max_length", "seed",
-                                        "device", "precision", "max_train_samples", "max_eval_samples")
+                                        "device", "precision", "max_train_samples", "max_eval_samples", "compile")
          if getattr(args, k, None) is not None}
     d["progress"] = not args.no_progress
     d.update(over)
@@ -119,7 +119,7 @@ def _search_cfg(args, **over):
 
     names = ("order", "epochs", "max_steps", "batch_size", "w_lr", "alpha_lr", "head_lr", "grad_clip", "beta",
              "temperature", "controller", "select", "eval_every", "max_length", "seed", "device", "precision",
-             "max_train_samples", "max_eval_samples", "l0_weight", "xi")
+             "max_train_samples", "max_eval_samples", "l0_weight", "xi", "compile")
     d = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if getattr(args, "hard", False):
         d["hard"] = True
@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--seed", type=int, default=None)
         q.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
         q.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
+        q.add_argument("--compile", default=None, choices=["auto", "on", "off"],
+                       help="torch.compile the model (auto: on a GPU for runs of 500+ steps)")
         q.add_argument("--max-train-samples", type=int, default=None, help="seeded training subset (quick runs)")
         q.add_argument("--max-eval-samples", type=int, default=None, help="cap on validation and test examples")
         q.add_argument("--eval-every", type=int, default=None, help="steps between validations")

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from s3pet import accel
 from s3pet import budget as B
 from s3pet import data as D
 from s3pet import dist
@@ -69,6 +70,7 @@ class SearchConfig:
     device: str = "auto"
     precision: str = "auto"
     shift_iters: int = 0  # 0 = iterate to tolerance on CPU, 12 fixed (sync-free) steps on GPU
+    compile: str = "auto"  # auto | on | off: torch.compile the task model (auto: GPU, long runs)
     max_train_samples: int = 0
     max_eval_samples: int = 0
     log_every: int = 10
@@ -83,6 +85,7 @@ class SearchConfig:
             raise ConfigError(f"select must be 'best' or 'last', got {self.select!r}")
         if not 0 < self.alpha_share < 1:
             raise ConfigError(f"alpha_share must be in (0, 1), got {self.alpha_share}")
+        accel.check_setting(self.compile)
         for name in ("epochs", "batch_size", "w_lr", "alpha_lr", "beta", "temperature", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -143,6 +146,7 @@ class BiLevel:
         self.sched_w = linear_schedule(self.opt_w, total, warm)
         self.sched_a = linear_schedule(self.opt_a, total, warm)
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        self.compiled = accel.Compiled(root.task_model, accel.wanted(cfg.compile, device, total))
 
     def _loss(self, batch, params: dict | None = None):
         with autocast(self.device, self.cfg.precision):
@@ -170,6 +174,14 @@ class BiLevel:
         return u.log() - torch.log1p(-u)
 
     def alpha_step(self, batch_a, batch_w) -> torch.Tensor:
+        """One update of the gate logits (on a D_alpha batch; second order also uses D_w)."""
+        return self.compiled.run(self._alpha_step, batch_a, batch_w)
+
+    def w_step(self, batch_w) -> torch.Tensor:
+        """One update of the PET modules and the head on a D_w batch."""
+        return self.compiled.run(self._w_step, batch_w)
+
+    def _alpha_step(self, batch_a, batch_w) -> torch.Tensor:
         cfg, sn = self.cfg, self.sn
         if sn.controller == "shift" and sn.fits_all:
             return torch.zeros((), device=self.device)  # every candidate fits: nothing to choose
@@ -218,7 +230,8 @@ class BiLevel:
         g_alpha = g_alpha - xi * (fd[0] - fd[1]) / (2 * eps)
         return g_alpha, loss.detach()
 
-    def w_step(self, batch_w) -> torch.Tensor:
+    def _w_step(self, batch_w) -> torch.Tensor:
+        self.opt_w.zero_grad(set_to_none=True)  # a retried step (compile fallback) starts clean
         self._gates(self._noise(), alpha_grad=False)
         loss = self._loss(batch_w)
         loss.backward()
@@ -338,6 +351,7 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
             _save_checkpoint(ckpt, root, bl, step, best, best_step, best_alpha,
                              seconds + time.perf_counter() - t0, device)
     bar.close()
+    bl.compiled.close()
     seconds += time.perf_counter() - t0
     selected = best_alpha if cfg.select == "best" else sn.alpha.detach().clone()
     dist.check_same(selected, "gate logits")  # every rank derives the same structure

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from s3pet import accel
 from s3pet import data as D
 from s3pet import dist
 from s3pet.errors import ConfigError
@@ -56,6 +57,7 @@ class TrainConfig:
     max_eval_samples: int = 0  # 0 = all; caps validation and test
     log_every: int = 10  # steps between history records
     progress: bool = True  # show a progress bar
+    compile: str = "auto"  # auto | on | off: torch.compile the model (auto: GPU, long runs)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "lr", "grad_accum", "max_length", "eval_batch_size", "log_every"):
@@ -67,6 +69,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        accel.check_setting(self.compile)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -195,17 +198,21 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
     model.train()
     bar = tqdm(total=total, desc="train", disable=not cfg.progress, leave=False, dynamic_ncols=True)
     running = torch.zeros((), device=device)
+    compiled = accel.Compiled(model, accel.wanted(cfg.compile, device, total))
+
+    def micro_step(batch) -> torch.Tensor:
+        with autocast(device, cfg.precision):
+            logits = model(batch)
+        loss = model.loss(logits, batch["labels"]) / cfg.grad_accum
+        loss.backward()
+        return loss.detach()
+
     done = False
     while not done:
         micro = 0
         for batch in D.batches(task.train, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed, epoch=epoch,
                                shard=shard):
-            batch = D.to_device(batch, device)
-            with autocast(device, cfg.precision):
-                logits = model(batch)
-            loss = model.loss(logits, batch["labels"]) / cfg.grad_accum
-            loss.backward()
-            running += loss.detach()
+            running += compiled.run(micro_step, D.to_device(batch, device))
             micro += 1
             if micro % cfg.grad_accum:
                 continue
@@ -242,6 +249,7 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
                 break
         epoch += 1
     bar.close()
+    compiled.close()
     if best_state is not None:
         with torch.no_grad():
             for p, s in zip(trainable, best_state):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from s3pet.deltas.base import Delta, DeltaKind, register
+from s3pet.deltas.base import Delta, DeltaKind, expand, project, register
 from s3pet.errors import ConfigError
 
 _ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -92,8 +92,9 @@ class LowRankAdapter(Delta):
 
     def forward(self, x, y, gate):
         yy = y if torch.is_autocast_enabled() else y.to(self.down_a.dtype)
-        h = _ACTS[self.act]((yy @ self.down_a) @ self.down_b + self.down_bias)
-        out = (h @ self.up_a) @ self.up_b + self.up_bias
+        # Two rank-1 factorised projections: (yy A_down) B_down and (h A_up) B_up.
+        h = _ACTS[self.act](expand(project(yy, self.down_a.t()), self.down_b.t()) + self.down_bias)
+        out = expand(project(h, self.up_a.t()), self.up_b.t()) + self.up_bias
         if gate is not None:
             out = out * gate
         return y + out.to(y.dtype)

@@ -13,8 +13,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
+from s3pet import accel
 from s3pet.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -27,6 +30,26 @@ def register(cls):
     """Class decorator: instantiate a kind and file it under its ``name``."""
     KINDS[cls.name] = cls()
     return cls
+
+
+def _elementwise(rank: int) -> bool:
+    return rank <= accel.ELEMENTWISE_MAX_RANK and torch.compiler.is_compiling()
+
+
+def project(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T`` for a thin ``w`` of shape (r, d): a matmul in eager mode; in a compiled
+    graph, for small r, a multiply and a row sum, which the compiler fuses with the ops
+    around it (a rank-1 matmul is one tiny kernel launch per site otherwise)."""
+    if _elementwise(w.shape[0]):
+        return (x.unsqueeze(-2) * w).sum(-1)
+    return F.linear(x, w)
+
+
+def expand(h: Tensor, w: Tensor) -> Tensor:
+    """``h @ w.T`` for a thin ``w`` of shape (d, r): the counterpart of ``project``."""
+    if _elementwise(w.shape[1]):
+        return (h.unsqueeze(-1) * w.t()).sum(-2)
+    return F.linear(h, w)
 
 
 class Delta(nn.Module):

@@ -11,9 +11,8 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from s3pet.deltas.base import Delta, DeltaKind, register
+from s3pet.deltas.base import Delta, DeltaKind, expand, project, register
 
 
 class LoRA(Delta):
@@ -28,9 +27,9 @@ class LoRA(Delta):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x, y, gate):
-        h = F.linear(x.to(self.lora_A.dtype) if not torch.is_autocast_enabled() else x, self.lora_A)
+        h = project(x.to(self.lora_A.dtype) if not torch.is_autocast_enabled() else x, self.lora_A)
         h = h * (gate * self.scaling) if gate is not None else h * self.scaling
-        return y + F.linear(h, self.lora_B).to(y.dtype)
+        return y + expand(h, self.lora_B).to(y.dtype)
 
 
 @register
