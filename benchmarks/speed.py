@@ -32,7 +32,7 @@ the median and mean of the timed steps, min and max, per-phase medians (``alpha`
 the search), passes, ms/pass, tokens/s, peak and resident MiB on a GPU (the RSS change on the
 CPU), trainable/PET/head parameters, ratios to ``bias-only`` and ``peft-lora``, and the
 second- vs first-order comparison), and ``--md`` (the same as markdown tables, also printed
-last). Both are rewritten after every model, so a run cut short keeps what it measured. A
+last). Both are rewritten after every row, so a run cut short keeps what it measured. A
 method that fails (out of memory included) is a row with its error; the run goes on.
 
 ``--profile METHOD`` runs ``torch.profiler`` over a few steps of that method instead of the
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import logging
@@ -62,7 +63,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from s3pet import accel
 from s3pet import budget as B
+from s3pet import dist
 from s3pet import structure as S
 from s3pet.baselines import baseline_structure
 from s3pet.heads import TaskModel
@@ -82,6 +85,7 @@ SPACES = ("s3pet-m", "unified")
 SEARCH = tuple(f"s3pet-search-{order}:{space}" for space in SPACES for order in ("first", "second"))
 METHODS = ("full", "peft-lora", "bias-only", "s3pet-lora") + SEARCH + ("s3pet-retrain",)
 FLOOR, PEFT = "bias-only", "peft-lora"
+COMPILED = "+compile"  # method suffix: the same method under torch.compile
 FULL_LR, PET_LR, CLIP = 5e-5, 1e-3, 1.0  # the usual settings; they do not change the cost
 N_BATCHES = 4  # distinct random batches, rotated step by step
 PROFILE_STEPS = 3
@@ -159,6 +163,7 @@ class Bench:
     head: int  # of which the task head
     info: dict = field(default_factory=dict)
     keep: list = field(default_factory=list)  # objects to drop after timing
+    compiled: "accel.Compiled | None" = None  # whether torch.compile is in use (it may have fallen back)
 
 
 @dataclass
@@ -171,6 +176,7 @@ class Ctx:
     budget: int
     budget_fraction: float
     seed: int
+    compile: bool = False  # the method runs with torch.compile (the ``+compile`` rows)
 
     def fresh(self) -> nn.Module:
         return copy.deepcopy(self.template).to(self.device).train()
@@ -195,19 +201,23 @@ def _plain(ctx: Ctx, tm: TaskModel, params: list[nn.Parameter], lr: float, info:
         p.requires_grad_(True)
     tm.to(ctx.device).train()
     opt = make_adamw([{"params": params, "lr": lr}], ctx.device)
+    compiled = accel.Compiled(tm, ctx.compile)
 
-    def step(i: int):
-        b = ctx.batch(i)
+    def fwd_bwd(b: dict):
         with autocast(ctx.device, "auto"):
             logits = tm(b)
         loss = tm.loss(logits, b["labels"])
         loss.backward()
+
+    def step(i: int):
+        compiled.run(fwd_bwd, ctx.batch(i))
+        dist.average_gradients(params)  # under torchrun: one all-reduce, as training does
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     head = sum(p.numel() for p in tm.head_parameters())
-    return Bench([("step", step)], 1, sum(p.numel() for p in params), head, info, keep + [tm, opt])
+    return Bench([("step", step)], 1, sum(p.numel() for p in params), head, info, keep + [tm, opt], compiled)
 
 
 def build_full(ctx: Ctx) -> Bench:
@@ -275,7 +285,8 @@ def build_search(ctx: Ctx, order: str, space: str, total: int) -> Bench:
     root = SearchModel(sn, tm).to(ctx.device).train()
     if ctx.device.type == "cuda":
         sn.shift_iters = 12  # as run_search does on a GPU: fixed, sync-free shift iterations
-    bl = BiLevel(root, SearchConfig(order=order, progress=False), ctx.device, total)
+    bl = BiLevel(root, SearchConfig(order=order, progress=False, compile="on" if ctx.compile else "off"),
+                 ctx.device, total)
 
     def alpha(i: int):
         bl.alpha_step(ctx.batch(2 * i), ctx.batch(2 * i + 1))
@@ -287,10 +298,12 @@ def build_search(ctx: Ctx, order: str, space: str, total: int) -> Bench:
     info = {"space": space, "order": order, "candidates": sn.alpha.numel(),
             "space_params": sum(s.n_params for s in specs)}
     return Bench([("alpha", alpha), ("w", w)], 2 if order == "first" else 5, sum(p.numel() for p in bl.w), head,
-                 info, [root, bl])
+                 info, [root, bl], bl.compiled)
 
 
 def builder(method: str, total: int) -> Callable[[Ctx], Bench]:
+    """The builder of a method (a ``+compile`` suffix is handled by the caller through ``Ctx``)."""
+    method = method.removesuffix(COMPILED)
     if method.startswith("s3pet-search-"):
         order, space = method[len("s3pet-search-"):].split(":")
         return lambda ctx: build_search(ctx, order, space, total)
@@ -303,15 +316,18 @@ def parse_methods(text: str) -> list[str]:
     ``s3pet-search`` all four search methods."""
     out = []
     for m in (x.strip() for x in text.split(",") if x.strip()):
+        suffix = COMPILED if m.endswith(COMPILED) else ""
+        m = m.removesuffix(COMPILED)
         if m == "s3pet-search":
-            out += list(SEARCH)
+            out += [x + suffix for x in SEARCH]
         elif m in ("s3pet-search-first", "s3pet-search-second"):
-            out += [f"{m}:{s}" for s in SPACES]
+            out += [f"{m}:{s}{suffix}" for s in SPACES]
         elif m in METHODS:
-            out.append(m)
+            out.append(m + suffix)
         else:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)} "
-                             "(or s3pet-search, s3pet-search-first, s3pet-search-second)")
+                             "(or s3pet-search, s3pet-search-first, s3pet-search-second), "
+                             f"each optionally with {COMPILED}")
     return list(dict.fromkeys(out))
 
 
@@ -332,10 +348,12 @@ def _sync(device: torch.device) -> None:
 
 def time_bench(bench: Bench, device: torch.device, steps: int, warmup: int) -> dict:
     """Warm up, then time ``steps`` steps; per-step and per-phase times in ms (medians)."""
+    tw = time.perf_counter()
     for i in range(warmup):
         for _, fn in bench.phases:
             fn(i)
     _sync(device)
+    warmup_s = time.perf_counter() - tw  # includes compiling, for the +compile rows
     n_ph = len(bench.phases)
     per = [[0.0] * n_ph for _ in range(steps)]
     t0 = time.perf_counter()
@@ -359,7 +377,7 @@ def time_bench(bench: Bench, device: torch.device, steps: int, warmup: int) -> d
                 last = now
         wall = time.perf_counter() - t0
     totals = [sum(p) for p in per]
-    return {"ms_step": statistics.median(totals), "ms_step_mean": 1e3 * wall / steps,
+    return {"ms_step": statistics.median(totals), "ms_step_mean": 1e3 * wall / steps, "warmup_s": warmup_s,
             "ms_step_min": min(totals), "ms_step_max": max(totals),
             "ms_phase": {name: statistics.median(p[k] for p in per) for k, (name, _) in enumerate(bench.phases)}}
 
@@ -381,6 +399,7 @@ def run_method(method: str, ctx: Ctx, steps: int, warmup: int, tokens: int) -> d
     rss0 = _rss_mib()
     t0 = time.perf_counter()
     bench = None
+    ctx = dataclasses.replace(ctx, compile=method.endswith(COMPILED))
     try:
         bench = builder(method, warmup + steps)(ctx)
         _sync(dev)
@@ -388,6 +407,8 @@ def run_method(method: str, ctx: Ctx, steps: int, warmup: int, tokens: int) -> d
         t = time_bench(bench, dev, steps, warmup)
         row.update(status="ok", passes=bench.passes, trainable=bench.trainable, head=bench.head,
                    pet=bench.trainable - bench.head, **bench.info, **t)
+        if ctx.compile:  # compiled, or fell back to eager (then the row says why)
+            row.update(compiled=bench.compiled.active, compile_error=bench.compiled.error)
         row["ms_pass"] = t["ms_step"] / bench.passes
         row["tokens_per_s"] = tokens / (t["ms_step"] / 1e3)
         if dev.type == "cuda":
@@ -405,6 +426,8 @@ def run_method(method: str, ctx: Ctx, steps: int, warmup: int, tokens: int) -> d
         log.warning("%s failed: %s", method, row["error"])
         e.__traceback__ = None  # drop the frames (and the tensors they hold) before freeing memory
     finally:
+        if bench is not None and bench.compiled is not None:
+            bench.compiled.close()
         del bench
         _free(dev)
     row["seconds"] = round(time.perf_counter() - t0, 2)
@@ -454,8 +477,10 @@ def machine_info(device: torch.device, args) -> dict:
     info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft_v, "device": str(device),
+            "world_size": dist.world_size(),
             "cpu_threads": torch.get_num_threads(), "batch": args.batch, "seq": args.seq, "steps": args.steps,
-            "warmup": args.warmup, "tiny": args.tiny, "budget": args.budget, "seed": args.seed,
+            "warmup": args.warmup, "tiny": args.tiny,
+            "compile_mode": args.compile_mode, "compile_backend": args.compile_backend, "budget": args.budget, "seed": args.seed,
             "precision": "bf16 autocast, float32 weights" if device.type == "cuda" else "float32",
             "timing": "CUDA events per step, median" if device.type == "cuda" else "host clock per step, median"}
     if device.type == "cuda":
@@ -472,20 +497,23 @@ def _f(x, fmt: str) -> str:
 def markdown(result: dict) -> str:
     m = result["machine"]
     dev = m.get("gpu") or f"CPU ({m['cpu_threads']} threads)"
+    if m.get("world_size", 1) > 1:
+        dev = f"{m['world_size']} x {dev} (data parallel; tokens/s over all of them)"
     lines = [f"Speed: {dev}, torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}; "
              f"batch {m['batch']} x seq {m['seq']}, {m['steps']} timed steps after {m['warmup']} warm-up; "
              f"{m['precision']}; budget {m['budget']} of the backbone" + (" (tiny models)" if m["tiny"] else "")
              + ("" if m.get("gpu") else "; peak MiB is GPU-only (the JSON has the CPU's RSS change)"),
              "",
-             "| model | method | ms/step | tokens/s | peak MiB | x floor | x peft-lora |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| model | method | ms/step | tokens/s | peak MiB | x floor | x peft-lora | warm-up s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
         if r.get("status") != "ok":
-            lines.append(f"| {r['model']} | {r['method']} | failed: {r.get('error', '')} | | | | |")
+            lines.append(f"| {r['model']} | {r['method']} | failed: {r.get('error', '')} | | | | | |")
             continue
-        lines.append(f"| {r['model']} | {r['method']} | {r['ms_step']:.1f} | {r['tokens_per_s']:,.0f} | "
+        name = r["method"] + (" (fell back to eager)" if r.get("compiled") is False else "")
+        lines.append(f"| {r['model']} | {name} | {r['ms_step']:.1f} | {r['tokens_per_s']:,.0f} | "
                      f"{_f(r.get('peak_mib'), ',.0f')} | {_f(r.get('x_floor'), '.2f')} | "
-                     f"{_f(r.get('x_peft_lora'), '.2f')} |")
+                     f"{_f(r.get('x_peft_lora'), '.2f')} | {r['warmup_s']:.1f} |")
     if result["order_ratios"]:
         lines += ["", "Search step, second vs first order (a step is alpha_step + w_step: 2 forward/backward "
                   "passes first order, 5 second order):", "",
@@ -507,6 +535,7 @@ def profile(method: str, ctx: Ctx, warmup: int, steps: int, path: Path) -> str:
     table(s), headed by wall time, kernel time and kernel launches per step."""
     from torch.profiler import ProfilerActivity, profile as tprofile
 
+    ctx = dataclasses.replace(ctx, compile=method.endswith(COMPILED))
     bench = builder(method, warmup + steps)(ctx)
     for i in range(warmup):
         for _, fn in bench.phases:
@@ -569,6 +598,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = its default)")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode for the +compile rows (default: inductor's default; "
+                         "e.g. reduce-overhead for CUDA graphs, max-autotune-no-cudagraphs)")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend for the +compile rows")
     ap.add_argument("--profile", metavar="METHOD", default=None,
                     help="profile this method instead of benchmarking; writes the top-20 ops table")
     ap.add_argument("--profile-out", default="results/profile-{model}-{method}.txt",
@@ -596,6 +629,8 @@ def write_results(result: dict, args, seconds: float) -> None:
     add_ratios(result["rows"])
     result["order_ratios"] = order_ratios(result["rows"])
     result["machine"]["total_seconds"] = round(seconds, 1)
+    if not dist.is_main():
+        return  # under torchrun every rank times the same steps; rank 0 reports
     for path, text in ((args.out, json.dumps(result, indent=2, sort_keys=True, default=str) + "\n"),
                        (args.md, markdown(result))):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -619,8 +654,9 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    device = resolve_device(args.device)
-    tokens = args.batch * args.seq
+    device = resolve_device(dist.init_from_env(args.device))
+    accel.MODE, accel.BACKEND = args.compile_mode, args.compile_backend
+    tokens = args.batch * args.seq * dist.world_size()  # per step, over all GPUs
     result = {"machine": machine_info(device, args), "rows": [], "order_ratios": []}
     t_all = time.perf_counter()
     for model in args.model_list:
@@ -629,7 +665,8 @@ def _run(args) -> int:
             template = build_template(model, args.tiny, args.seed)
             n_bb = count_params(template)
             budget = B.parse_budget(args.budget, n_bb)
-            ctx = Ctx(template, make_batches(template.config, args.batch, args.seq, device, args.seed), device,
+            ctx = Ctx(template, make_batches(template.config, args.batch, args.seq, device,
+                                                  args.seed + 1000 * dist.rank()), device,
                       budget, budget / n_bb, args.seed)
         except Exception as e:  # noqa: BLE001 - a model that cannot be set up fails its rows, the run goes on
             log.warning("%s: cannot set up: %s", model, e)
@@ -651,13 +688,14 @@ def _run(args) -> int:
                 if row["status"] == "ok":
                     log.info("%s %s: %.1f ms/step (%d passes), peak %s MiB, %.0f s", model, method, row["ms_step"],
                              row["passes"], _f(row.get("peak_mib"), ".0f"), row["seconds"])
-            write_results(result, args, time.perf_counter() - t_all)  # after every model: a cut-off run keeps it
+                write_results(result, args, time.perf_counter() - t_all)  # after every row: a cut-off run keeps it
         del ctx, template
         _free(device)
     if args.profile:
         return 0
     write_results(result, args, time.perf_counter() - t_all)
-    print(markdown(result))
+    if dist.is_main():
+        print(markdown(result))
     return 0 if all(r["status"] == "ok" for r in result["rows"]) else 1
 
 

@@ -53,7 +53,7 @@ def test_tiny_run_has_every_row(tmp_path, capsys):
     assert len(res["order_ratios"]) == len(speed.MODELS) * len(speed.SPACES)
     assert res["machine"]["batch"] == 4 and res["machine"]["tiny"] is True
     text = md.read_text()
-    assert "| model | method | ms/step | tokens/s | peak MiB | x floor | x peft-lora |" in text
+    assert "| model | method | ms/step | tokens/s | peak MiB | x floor | x peft-lora | warm-up s |" in text
     assert text.count("\n| ") >= 2 + len(rows)
     assert text.strip() in capsys.readouterr().out  # the table is printed last
 
