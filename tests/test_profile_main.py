@@ -217,3 +217,17 @@ def test_run_args_may_not_set_the_output_folder():
     with pytest.raises(SystemExit):
         pm.parse_args(["--run-args", "--out elsewhere"])
     assert pm.parse_args(["--run-args", "--max-steps 4 --no-progress"]).extra == ["--max-steps", "4", "--no-progress"]
+
+
+def test_instrument_finds_every_function_it_times_and_restores_them():
+    """A renamed pipeline function fails here rather than in a several-minute profile run."""
+    from s3pet import pipeline, search
+
+    before = (pipeline.search, pipeline.fit, search.BiLevel.alpha_step, search.evaluate)
+    timer = pm.StageTimer()
+    pm.instrument(timer, pipeline)
+    try:
+        assert pipeline.fit is not before[1] and pipeline.fit.__wrapped__ is before[1]
+    finally:
+        timer.restore()
+    assert (pipeline.search, pipeline.fit, search.BiLevel.alpha_step, search.evaluate) == before
