@@ -50,6 +50,7 @@ class Supernet(nn.Module):
         self.budget = int(budget)
         self.beta, self.temperature, self.hard = beta, temperature, hard
         self.controller, self.shift_iters, self.l0_weight = controller, shift_iters, l0_weight
+        self.solver = B.solve_shift  # the search swaps in a compiled copy when it compiles
         self.fits_all = B.budget_fits_all(self.n, self.budget)
         if controller == "shift" and not self.fits_all:
             self._solve(warm=False)  # raises BudgetError early if the budget is infeasible
@@ -67,8 +68,8 @@ class Supernet(nn.Module):
     # ------------------------------------------------------------------ gates
     def _solve(self, warm: bool = True) -> Tensor:
         with torch.no_grad():
-            s = B.solve_shift(self.alpha.detach(), self.n, self.budget, beta=self.beta,
-                              init=self.shift if warm else None, iters=self.shift_iters)
+            s = self.solver(self.alpha.detach(), self.n, self.budget, beta=self.beta,
+                            init=self.shift if warm else None, iters=self.shift_iters)
             self.shift.copy_(s)
         return self.shift
 

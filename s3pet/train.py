@@ -57,7 +57,7 @@ class TrainConfig:
     max_eval_samples: int = 0  # 0 = all; caps validation and test
     log_every: int = 10  # steps between history records
     progress: bool = True  # show a progress bar
-    compile: str = "auto"  # auto | on | off: torch.compile the model (auto: GPU, long runs)
+    compile: str = "auto"  # auto | on | off: torch.compile the model (auto: GPU, 2,000+ steps)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "lr", "grad_accum", "max_length", "eval_batch_size", "log_every"):

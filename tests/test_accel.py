@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from s3pet import accel
+from s3pet import budget as B
 from s3pet.deltas.base import expand, project
 from s3pet.errors import ConfigError
 from s3pet.heads import TaskModel
@@ -51,10 +52,11 @@ def _batches(n: int, lengths=(12, 12, 15, 9, 12, 17)):
     return out
 
 
-def _search(order: str, compile_: str, space: str = "s3pet-m", steps: int = 4):
+def _search(order: str, compile_: str, space: str = "s3pet-m", steps: int = 4, shift_iters: int | None = None):
     torch.manual_seed(0)
     bb = _no_dropout(load_backbone("tiny-bert"))
     sn = Supernet(bb, instantiate(load_space(space), discover_sites(bb)), 1500)
+    sn.shift_iters = shift_iters  # as on a GPU: a fixed number of sync-free iterations
     for p in sn.deltaset.parameters():  # non-zero everywhere, so every path carries gradient
         nn.init.normal_(p, std=0.05)
     root = SearchModel(sn, TaskModel(bb, CARD, dropout=0.0))
@@ -67,11 +69,13 @@ def _search(order: str, compile_: str, space: str = "s3pet-m", steps: int = 4):
     return bl, losses, sn.alpha.detach().clone(), [p.detach().clone() for p in bl.w]
 
 
-@pytest.mark.parametrize("order,space", [("first", "s3pet-m"), ("first", "unified"), ("second", "s3pet-m")])
-def test_compiled_search_steps_match_plain(order, space):
-    bl_c, loss_c, alpha_c, w_c = _search(order, "on", space)
+@pytest.mark.parametrize("order,space,iters", [("first", "s3pet-m", None), ("first", "unified", 12),
+                                               ("second", "s3pet-m", None)])
+def test_compiled_search_steps_match_plain(order, space, iters):
+    bl_c, loss_c, alpha_c, w_c = _search(order, "on", space, shift_iters=iters)
     assert bl_c.compiled.active and bl_c.compiled.error is None  # really compiled, no fallback
-    _, loss_e, alpha_e, w_e = _search(order, "off", space)
+    assert (bl_c.sn.solver is not B.solve_shift) == (iters is not None)  # the fixed solve is compiled too
+    _, loss_e, alpha_e, w_e = _search(order, "off", space, shift_iters=iters)
     assert loss_c == pytest.approx(loss_e, rel=1e-5, abs=1e-6)
     assert torch.allclose(alpha_c, alpha_e, atol=1e-5) and not torch.equal(alpha_e, torch.zeros_like(alpha_e))
     for a, b in zip(w_c, w_e):
@@ -221,3 +225,17 @@ def test_compile_setting():
 
     with pytest.raises(ConfigError, match="compile"):
         TrainConfig(compile="fast")
+
+
+@pytest.mark.parametrize("preset,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_cli_lets_idle_openmp_threads_sleep_unless_told_otherwise(preset, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = "import s3pet.cli, os, sys; assert 'torch' not in sys.modules; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected  # set before torch (and its OpenMP runtime) loads
