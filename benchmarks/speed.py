@@ -452,12 +452,13 @@ def order_ratios(rows: list[dict]) -> list[dict]:
     ok = {(r["model"], r["method"]): r for r in rows if r.get("status") == "ok"}
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
-        for space in SPACES:
-            a, b = ok.get((model, f"s3pet-search-first:{space}")), ok.get((model, f"s3pet-search-second:{space}"))
+        for space, suffix in ((s, x) for s in SPACES for x in ("", COMPILED)):
+            a = ok.get((model, f"s3pet-search-first:{space}{suffix}"))
+            b = ok.get((model, f"s3pet-search-second:{space}{suffix}"))
             if not (a and b):
                 continue
             mem = b["peak_mib"] / a["peak_mib"] if a.get("peak_mib") and b.get("peak_mib") else None
-            out.append({"model": model, "space": space, "first_ms": a["ms_step"], "second_ms": b["ms_step"],
+            out.append({"model": model, "space": space + suffix, "first_ms": a["ms_step"], "second_ms": b["ms_step"],
                         "x_time": b["ms_step"] / a["ms_step"], "first_ms_pass": a["ms_pass"],
                         "second_ms_pass": b["ms_pass"], "first_peak_mib": a.get("peak_mib"),
                         "second_peak_mib": b.get("peak_mib"), "x_memory": mem})
