@@ -4,6 +4,7 @@ full fine-tuning, HF peft LoRA and a bias-only floor, on random-initialised mode
     python benchmarks/speed.py [--models bert-base,roberta-large,llama-1b] [--batch 32]
         [--seq 128] [--steps 20] [--warmup 5] [--methods full,peft-lora,...]
         [--out results/speed.json] [--md results/speed.md] [--tiny] [--profile METHOD]
+        [--compile-mode MODE] [--compile-backend NAME]
 
 Per model, in one process, every method is built on a fresh copy of the same backbone
 (float32 weights; bf16 autocast on a GPU, float32 on the CPU), stepped on the same few
@@ -26,6 +27,14 @@ AdamW (fused on the GPU) with gradient clipping. Methods:
   loss, two finite-difference passes, w step).
 - ``s3pet-retrain``: a random structure of the ``s3pet-m`` space at the budget (the search's
   greedy derivation from random scores), applied to a fresh frozen backbone and trained.
+- ``METHOD+compile`` (any method above): the same under ``torch.compile`` (``s3pet.accel``,
+  the code path of ``--compile on``; ``--compile-mode`` / ``--compile-backend`` choose
+  inductor's mode, e.g. ``reduce-overhead`` for CUDA graphs). Compiling happens in the
+  warm-up steps, whose seconds each row records; a compiler failure falls back to eager and
+  the row says so.
+
+Under ``torchrun --nproc_per_node N`` every GPU steps its own batch and the gradients are
+averaged once per step (``s3pet.dist``); tokens/s count all GPUs and rank 0 writes.
 
 Output: ``--out`` (JSON: machine and settings, one row per (model, method) with ms/step as
 the median and mean of the timed steps, min and max, per-phase medians (``alpha``/``w`` for
@@ -643,7 +652,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    threads = torch.get_num_threads()
+    threads, compile_settings = torch.get_num_threads(), (accel.MODE, accel.BACKEND)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -652,6 +661,7 @@ def main(argv=None) -> int:
             return _run(args)
     finally:
         torch.set_num_threads(threads)
+        accel.MODE, accel.BACKEND = compile_settings
 
 
 def _run(args) -> int:

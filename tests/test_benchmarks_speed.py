@@ -96,3 +96,23 @@ def test_profile_writes_the_ops_table(tmp_path):
                        "--profile", "s3pet-search-first:s3pet-m", "--profile-out", str(target)])
     text = (tmp_path / "prof-bert-base-s3pet-search-first_s3pet-m.txt").read_text()
     assert code == 0 and "top 20 ops by self CPU time" in text and "aten::" in text
+
+
+def test_compiled_rows(tmp_path):
+    """``+compile`` rows run through s3pet's compile path (traced with aot_eager here) and say so."""
+    speed = _load()
+    assert speed.parse_methods("s3pet-search-first+compile") == ["s3pet-search-first:s3pet-m+compile",
+                                                                  "s3pet-search-first:unified+compile"]
+    out, md = tmp_path / "c.json", tmp_path / "c.md"
+    methods = "bias-only,bias-only+compile,s3pet-search-first:s3pet-m+compile,s3pet-search-second:s3pet-m+compile"
+    code = speed.main(["--tiny", "--steps", "2", "--warmup", "1", "--device", "cpu", "--threads", "1",
+                       "--models", "bert-base", "--methods", methods, "--compile-backend", "aot_eager",
+                       "--out", str(out), "--md", str(md)])
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert code == 0
+    assert "compiled" not in rows["bias-only"]
+    for m in methods.split(",")[1:]:
+        assert rows[m]["status"] == "ok" and rows[m]["compiled"] is True and rows[m]["compile_error"] is None, m
+        assert rows[m]["warmup_s"] > 0
+    ratios = json.loads(out.read_text())["order_ratios"]
+    assert [r["space"] for r in ratios] == ["s3pet-m+compile"]  # compiled second vs compiled first
