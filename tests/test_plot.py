@@ -357,6 +357,23 @@ def test_plot_paths_run_dirs_and_average(tmp_path):
     assert all(_png_ok(p) for p in written)
 
 
+def test_a_stage_holding_the_same_structure_is_not_drawn_twice(tmp_path):
+    run = _run_dir(tmp_path / "run", bert())
+    same = json.loads((run / "search" / "structure.json").read_text())
+    for m in same["modules"]:
+        m["score"] = None  # retraining keeps the modules; only the scores may differ
+    (run / "retrain" / "structure.json").write_text(json.dumps(same))
+    names = {p.relative_to(run).as_posix() for p in P.plot_paths(run, formats=("png",))}
+    assert "search/structure.png" in names and "retrain/trajectory.png" in names
+    assert not any(n.startswith("retrain/structure") for n in names)
+    other = json.loads(json.dumps(same))
+    other["modules"] = other["modules"][:-1]  # a different structure in retrain/ is drawn
+    other["n_params"] = sum(m["n_params"] for m in other["modules"])
+    (run / "retrain" / "structure.json").write_text(json.dumps(other))
+    names = {p.relative_to(run).as_posix() for p in P.plot_paths(run, formats=("png",))}
+    assert "retrain/structure.png" in names
+
+
 def test_plot_paths_structure_file_out_folder_and_svg(tmp_path):
     src = tmp_path / "seed0.json"
     src.write_text(json.dumps(gpt2()))

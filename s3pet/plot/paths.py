@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 from pathlib import Path
@@ -33,14 +34,28 @@ class _Job(NamedTuple):
     draw: Callable[[], Any]           # returns the Axes (or array) drawn on a new figure
 
 
-def _stage_jobs(folder: Path, rel: Path, label: str) -> tuple[list[_Job], dict | None]:
-    """Plots of one folder's structure.json, alphas.csv and history.jsonl (those present)."""
+def _same_modules(structure: dict) -> str:
+    """The modules of a structure without their scores: two stages holding this key hold one structure."""
+    return json.dumps([{k: v for k, v in m.items() if k != "score"} for m in structure.get("modules", [])],
+                      sort_keys=True)
+
+
+def _stage_jobs(folder: Path, rel: Path, label: str,
+                drawn: set[str] | None = None) -> tuple[list[_Job], dict | None]:
+    """Plots of one folder's structure.json, alphas.csv and history.jsonl (those present).
+
+    A structure whose modules are in ``drawn`` (an earlier stage of the same run, e.g. the
+    retrain of the structure the search derived) is not drawn again."""
     jobs: list[_Job] = []
     structure = None
     n_layers = None
     if (folder / "structure.json").is_file():
         structure = read_structure(folder / "structure.json")
-        jobs += _structure_jobs(structure, "structure", folder, rel, label)
+        key = _same_modules(structure)
+        if drawn is None or key not in drawn:
+            jobs += _structure_jobs(structure, "structure", folder, rel, label)
+        if drawn is not None:
+            drawn.add(key)
         n_layers = _modules_of(structure)[0]
     if (folder / "alphas.csv").is_file():
         grid = gate_grid(read_alphas(folder / "alphas.csv"), n_layers=n_layers)
@@ -71,10 +86,11 @@ def _input_jobs(path: Path) -> tuple[list[_Job], dict | None]:
     if path.is_file():
         s = read_structure(path)
         return _structure_jobs(s, path.stem, path.parent, Path(), label), s
-    jobs, structure = _stage_jobs(path, Path(), label)
+    drawn: set[str] = set()
+    jobs, structure = _stage_jobs(path, Path(), label, drawn)
     for stage in STAGES:
         if (path / stage).is_dir():
-            more, s = _stage_jobs(path / stage, Path(stage), label)
+            more, s = _stage_jobs(path / stage, Path(stage), label, drawn)
             jobs += more
             if structure is None:  # the top folder's, else search's, else retrain's
                 structure = s
