@@ -3,27 +3,16 @@ model runs a couple of steps and lands in the JSON and the markdown table. Not a
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
-
-import pytest
 
 import peft  # noqa: F401  (installed with the test extras; export needs it)
+import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+from scripts import load_benchmark
 
 
 def _load():
-    """The script as a module (it is no package member; dataclasses need it in sys.modules)."""
-    name = "benchmarks_speed"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    return load_benchmark("speed")
 
 
 def test_tiny_run_has_every_row(tmp_path, capsys):
