@@ -233,7 +233,6 @@ class BiLevel:
         return g_alpha, loss.detach()
 
     def _w_step(self, batch_w) -> torch.Tensor:
-        self.opt_w.zero_grad(set_to_none=True)  # a retried step (compile fallback) starts clean
         self._gates(self._noise(), alpha_grad=False)
         loss = self._loss(batch_w)
         loss.backward()
