@@ -1,22 +1,32 @@
 """Quality benchmark: does the searched structure beat hand-picked PET at the same budget?
 
 Runs a grid of (task, method, budget, seed) on one machine, several runs at a time (the model
-is small, so several processes share one GPU), and resumes: a run whose ``result.json``
-exists is skipped, so the grid can be spread over several calls (``--time-limit`` stops
-launching new runs in time). Then it writes every run to ``results.json``, a markdown table
-(task x method per budget, mean +- std over seeds, an average column, % of full fine-tuning,
-and the cost of search vs retrain) and a plot of score against trainable parameters.
+is small, so several processes share one GPU), with the recipe HF + peft users run (below).
+Every method picks its learning rate on the validation split from a grid of the same size
+(``--lr-grid``: multipliers of each kind's known-good rate) on the ``--lr-seeds``; its other
+seeds then run at the chosen rate. The grid resumes: a run whose ``result.json`` exists is
+skipped, ``--time-limit`` stops launching new runs in time, and ``--merge DIR|TAR`` brings in
+the runs of another call's output. Then it writes every run to ``results.json``, a markdown
+table (task x method per budget, mean +- std over seeds, the six-task average), the paired
+difference of every two methods over (task, seed) with a 95% bootstrap interval and win/loss
+counts, and a plot of score against trainable parameters.
 
-    python benchmarks/quality.py --model PATH --data-dir DIR --out results/quality \
-        [--tasks rte,mrpc,cola,stsb,sst2,cb] [--budgets 0.01%,0.1%,1%] [--seeds 0,1,2] \
-        [--methods s3pet-m,unified,random,lora,adapter,bitfit,lnfit,full,optuna] \
-        [--workers 8] [--time-limit 540] [--report-only]
+    python benchmarks/quality.py --model PATH --data-dir DIR --out results/quality \\
+        [--tasks rte,mrpc,cola,stsb,sst2,cb] [--budgets 0.01%,0.1%,1%] [--methods ...] \\
+        [--seeds 0,1,2] [--small-seeds 0,1,2,3,4] [--lr-grid 0.5,1,2] [--lr-seeds 0] \\
+        [--workers 12] [--time-limit 540] [--merge OTHER_OUT] [--report-only]
 
-Methods: ``s3pet-m`` / ``unified`` (search in that space, then retrain the derived structure),
-``random`` (a random structure of s3pet-m under the budget), ``lora``, ``adapter``,
-``bitfit``, ``lnfit`` (hand-designed, sized to the budget), ``full`` (full fine-tuning,
-budget-independent) and ``optuna`` (Optuna/TPE over the s3pet-m space, ``--optuna-trials``
-retrains, chosen to cost about as much as one search).
+Recipe (the reference of HF transformers + peft users): whole training sets, batch 32, AdamW
+without weight decay, linear schedule with 6% warm-up, gradient clip 1.0, bf16 autocast on the
+GPU, 10 epochs (CB 20, SST-2 2), max length 256 for RTE and CB and 128 otherwise, validation
+after every epoch, test at the best validation epoch; the model's own pooler and classifier.
+
+Methods: ``s3pet-m`` / ``unified`` (search in that space, then retrain the derived
+structure), ``random`` (a random structure of s3pet-m, a different one per seed), ``lora``,
+``lora-all``, ``adapter``, ``bitfit``, ``lnfit`` (hand-designed, sized to the budget), ``full``
+(every weight), ``optuna`` (Optuna/TPE over s3pet-m, ``--optuna-trials`` retrains), and the
+references run through peft itself: ``peft-lora-r8-qv``, ``peft-lora-all-r1`` (fixed shapes)
+and ``adalora`` (sized to the budget).
 """
 
 from __future__ import annotations
@@ -25,105 +35,216 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
+import tarfile
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 TASKS = ("rte", "mrpc", "cola", "stsb", "sst2", "cb")
+SMALL = ("rte", "cb")  # the tasks whose scores swing most between seeds: more seeds
 BUDGETS = ("0.01%", "0.1%", "1%")
-METHODS = ("s3pet-m", "unified", "random", "lora", "adapter", "bitfit", "lnfit", "full", "optuna")
+METHODS = ("s3pet-m", "unified", "random", "lora", "lora-all", "adapter", "bitfit", "lnfit", "full", "optuna",
+           "peft-lora-r8-qv", "peft-lora-all-r1", "adalora")
 SEARCH_METHODS = ("s3pet-m", "unified")
+FIXED_SHAPE = ("full", "peft-lora-r8-qv", "peft-lora-all-r1")  # budget-independent: one row in every table
+#: epochs and max length per task, as the reference recipe sets them
+RECIPE = {"rte": (10, 256), "mrpc": (10, 128), "cola": (10, 128), "stsb": (10, 128), "sst2": (2, 128),
+          "cb": (20, 256)}
+DEFAULT_RECIPE = (10, 128)
 
 
-def job_dir(out: Path, task: str, method: str, budget: str, seed: int) -> Path:
-    b = "all" if method == "full" else budget.replace("%", "pct")
-    return out / "runs" / task / method / b / f"seed{seed}"
+def budget_key(method: str, budget: str) -> str:
+    return "-" if method in FIXED_SHAPE else budget
 
 
-def jobs(args) -> list[dict]:
+def run_dir(out: Path, task: str, method: str, budget: str, seed: int, scale: float) -> Path:
+    b = "all" if budget == "-" else budget.replace("%", "pct")
+    return out / "runs" / task / method / b / f"seed{seed}" / f"lr{scale:g}"
+
+
+def seeds_for(args, task: str) -> list[int]:
+    return args.small_seeds if task in SMALL else args.seeds
+
+
+def cells(args) -> list[tuple[str, str, str]]:
+    """Every (task, method, budget) of the grid; fixed-shape methods once."""
     out = []
-    for seed in args.seeds:
-        for task in args.tasks:
-            for method in args.methods:
-                budgets = ["-"] if method == "full" else args.budgets
-                for budget in budgets:
-                    out.append({"task": task, "method": method, "budget": budget, "seed": seed})
+    for task in args.tasks:
+        for method in args.methods:
+            for budget in sorted({budget_key(method, b) for b in args.budgets}, key=args.budgets_order):
+                out.append((task, method, budget))
     return out
 
 
-TRAIN_SIZES = {"rte": 2490, "mrpc": 3668, "cola": 8551, "stsb": 5749, "sst2": 65349, "cb": 250,
-               "rotten-tomatoes": 8058, "snli": 97890}
+def read_result(d: Path) -> dict | None:
+    p = d / "result.json"
+    return json.loads(p.read_text()) if p.is_file() else None
 
 
-def epochs_for(args, task: str, base: float) -> float:
-    """At least ``--min-steps`` optimizer steps on small tasks (at most 20 epochs), else ``base``."""
-    n = min(TRAIN_SIZES.get(task, 10**9), args.max_train_samples or 10**9)
-    return float(min(20.0, max(base, math.ceil(args.min_steps * args.batch_size / n))))
+def chosen_scale(out: Path, args, task: str, method: str, budget: str) -> float | None:
+    """The lr multiplier with the best mean validation over the lr seeds; None until they all ran."""
+    means = {}
+    for scale in args.lr_grid:
+        rs = [read_result(run_dir(out, task, method, budget, s, scale)) for s in args.lr_seeds]
+        if any(r is None for r in rs):
+            return None
+        ok = [r["validation"] for r in rs if r.get("status") == "ok" and _finite(r.get("validation"))]
+        means[scale] = statistics.mean(ok) if len(ok) == len(rs) else -math.inf
+    best = max(means.values())
+    return min((s for s, v in means.items() if v == best), key=lambda s: abs(math.log(s)))  # ties: closest to 1
 
 
-def train_settings(args, task: str, seed: int) -> dict:
-    """Per-task training settings: a few epochs, larger training sets capped (recorded)."""
-    return dict(epochs=epochs_for(args, task, args.epochs), batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, seed=seed,
-                max_train_samples=args.max_train_samples, max_length=args.max_length, progress=False,
-                eval_every=0, patience=0)
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def run_job(job: dict, args_dict: dict) -> dict:
-    """One run in a worker process; writes result.json into its folder and returns it."""
+def pending_jobs(out: Path, args) -> list[dict]:
+    """Runs not done yet whose inputs are ready: the lr sweep first, then the other seeds at the chosen rate."""
+    todo = []
+    for task, method, budget in cells(args):
+        sweep = [s for s in seeds_for(args, task) if s in args.lr_seeds] or args.lr_seeds
+        for seed in sweep:
+            missing = [sc for sc in args.lr_grid if read_result(run_dir(out, task, method, budget, seed, sc)) is None]
+            if missing and (method in SEARCH_METHODS or method == "optuna"):  # one search serves every rate
+                todo.append({"task": task, "method": method, "budget": budget, "seed": seed, "scales": missing})
+            else:
+                todo += [{"task": task, "method": method, "budget": budget, "seed": seed, "scales": [sc]}
+                         for sc in missing]
+        scale = chosen_scale(out, args, task, method, budget)
+        if scale is None:
+            continue
+        for seed in seeds_for(args, task):
+            if seed not in args.lr_seeds and read_result(run_dir(out, task, method, budget, seed, scale)) is None:
+                todo.append({"task": task, "method": method, "budget": budget, "seed": seed, "scales": [scale]})
+    return todo
+
+
+def recipe(args, task: str) -> tuple[float, int]:
+    """(epochs, max length) of a task: the reference recipe's unless overridden."""
+    epochs, max_len = RECIPE.get(task, DEFAULT_RECIPE)
+    return float(args.epochs or epochs), args.max_length or max_len
+
+
+#: official training-set sizes after the splits (SST-2: 2,000 held out), to estimate run lengths
+TRAIN_SIZES = {"rte": 2490, "mrpc": 3668, "cola": 8551, "stsb": 5749, "sst2": 65349, "cb": 250}
+
+
+def job_steps(args, job: dict) -> int:
+    """Optimizer steps a job will take (every training it runs; a search counts as one more)."""
+    epochs, _ = recipe(args, job["task"])
+    n = TRAIN_SIZES.get(job["task"], 10_000)
+    if args.max_train_samples:
+        n = min(n, args.max_train_samples)
+    runs = len(job["scales"]) + (1 if job["method"] in SEARCH_METHODS + ("optuna",) else 0)
+    return int(runs * epochs * math.ceil(n / 32))
+
+
+def train_config(args, task: str, seed: int, scale: float):
+    from s3pet.train import TrainConfig
+
+    epochs, max_len = recipe(args, task)
+    return TrainConfig(epochs=epochs, batch_size=32, lr=0.0, head_lr=0.0, lr_scale=scale, seed=seed,
+                       max_train_samples=args.max_train_samples, max_length=max_len, progress=False,
+                       eval_every=0, patience=0, compile="off", pooling=args.pooling)
+
+
+def run_job(job: dict, args_dict: dict) -> list[dict]:
+    """One (task, method, budget, seed) in a worker process: the search (if any) once, then one
+    training per lr multiplier in ``job['scales']``; each writes its result.json."""
     import torch
+    import transformers
 
     from s3pet.pipeline import baseline, retrain, search
     from s3pet.search import SearchConfig
-    from s3pet.train import TrainConfig
 
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     args = argparse.Namespace(**args_dict)
     torch.set_num_threads(max(1, args.threads))
-    d = job_dir(Path(args.out), job["task"], job["method"], job["budget"], job["seed"])
-    d.mkdir(parents=True, exist_ok=True)
-    ts = train_settings(args, job["task"], job["seed"])
-    tcfg = TrainConfig(**ts)
-    rec = dict(job)
-    t0 = time.perf_counter()
+    task, method, budget, seed = job["task"], job["method"], job["budget"], job["seed"]
+    base = run_dir(Path(args.out), task, method, budget, seed, 1.0).parent
+    base.mkdir(parents=True, exist_ok=True)
+    recs, structure, search_cost, err = [], None, None, None
     try:
-        if job["method"] in SEARCH_METHODS:
-            scfg = SearchConfig(epochs=epochs_for(args, job["task"], args.search_epochs), batch_size=args.batch_size, w_lr=args.w_lr,
-                                alpha_lr=args.alpha_lr, head_lr=args.head_lr, seed=job["seed"],
-                                max_train_samples=args.max_train_samples, max_length=args.max_length,
-                                progress=False)
-            sm = search(args.model, job["task"], job["method"], job["budget"], d / "search", scfg,
-                        data_dir=args.data_dir)
-            m = retrain(d / "search" / "structure.json", job["task"], d / "retrain", tcfg, model=args.model,
-                        data_dir=args.data_dir)
-            rec["search_cost"] = sm["cost"]
-        elif job["method"] == "optuna":
+        epochs, max_len = recipe(args, task)
+        if method in SEARCH_METHODS:
+            scfg = SearchConfig(epochs=float(args.search_epochs or epochs), batch_size=32, w_lr=args.w_lr,
+                                alpha_lr=args.alpha_lr, seed=seed, max_train_samples=args.max_train_samples,
+                                max_length=max_len, progress=False, compile="off", pooling=args.pooling)
+            if not (base / "search" / "structure.json").is_file():
+                sm = search(args.model, task, method, budget, base / "search", scfg, data_dir=args.data_dir)
+            else:
+                sm = json.loads((base / "search" / "metrics.json").read_text())
+            structure, search_cost = base / "search" / "structure.json", sm["cost"]
+        elif method == "optuna":
             from s3pet.optuna_search import optuna_search
 
-            om = optuna_search(args.model, job["task"], "s3pet-m", job["budget"], d / "optuna", args.optuna_trials,
-                               cfg=tcfg, data_dir=args.data_dir, seed=job["seed"], pruner="none")
-            best = Path(d / "optuna" / "best_structure.json")
-            m = retrain(best, job["task"], d / "retrain", tcfg, model=args.model, data_dir=args.data_dir)
-            rec["search_cost"] = om.get("cost", {})
-        else:
-            budget = None if job["method"] == "full" else job["budget"]
-            m = baseline(job["method"], budget, job["task"], d / "train", tcfg, model=args.model,
-                         data_dir=args.data_dir)
-        rec.update(status="ok", main_metric=m["main_metric"], validation=m["validation"]["main"],
-                   test=m["test"]["main"], test_all=m["test"], params=m["params"], retrain_cost=m["cost"])
-    except Exception as e:  # record and go on: one failed run must not stop the grid
-        rec.update(status="failed", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-2000:])
-    rec["seconds"] = round(time.perf_counter() - t0, 2)
-    if not args.keep_weights:  # the grid needs the numbers, not hundreds of weight files
-        for f in list(d.rglob("*.safetensors")) + list(d.rglob("*.pt")):
+            if not (base / "optuna" / "best_structure.json").is_file():
+                om = optuna_search(args.model, task, "s3pet-m", budget, base / "optuna", args.optuna_trials,
+                                   cfg=train_config(args, task, seed, 1.0), data_dir=args.data_dir, seed=seed,
+                                   pruner="none")
+                (base / "optuna" / "cost.json").write_text(json.dumps(om.get("cost", {})))
+            structure = base / "optuna" / "best_structure.json"
+            search_cost = json.loads((base / "optuna" / "cost.json").read_text())
+    except Exception as e:  # the search failed: every lr run of this job fails with it
+        err = e
+    for scale in job["scales"]:
+        d = run_dir(Path(args.out), task, method, budget, seed, scale)
+        rec = {"task": task, "method": method, "budget": budget, "seed": seed, "lr_scale": scale}
+        t1 = time.perf_counter()
+        try:
+            if err is not None:
+                raise err
+            tcfg = train_config(args, task, seed, scale)
+            if structure is not None:
+                m = retrain(structure, task, d / "train", tcfg, model=args.model, data_dir=args.data_dir)
+                rec["search_cost"] = search_cost
+            else:
+                m = baseline(method, None if budget == "-" else budget, task, d / "train", tcfg, model=args.model,
+                             data_dir=args.data_dir)
+            rates = m.get("learning_rates", {})
+            rec.update(status="ok", main_metric=m["main_metric"], validation=m["validation"]["main"],
+                       test=m["test"]["main"], test_all=m["test"], params=m["params"], retrain_cost=m["cost"],
+                       learning_rates=rates, lr=max((v for k, v in rates.items() if k != "head"), default=None),
+                       best_step=m.get("best_step"), steps=m.get("steps"))
+        except Exception as e:  # record and go on: one failed run must not stop the grid
+            rec.update(status="failed", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-2000:])
+        rec["seconds"] = round(time.perf_counter() - t1, 2)
+        if not args.keep_weights:  # the grid needs the numbers, not hundreds of weight files
+            for f in list(d.rglob("*.safetensors")) + list(d.rglob("*.pt")) + list(d.rglob("*.bin")):
+                f.unlink()
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "result.json").write_text(json.dumps(rec, indent=2, sort_keys=True, default=str))
+        recs.append(rec)
+    if not args.keep_weights:
+        for f in base.glob("*/search.pt"):
             f.unlink()
-    (d / "result.json").write_text(json.dumps(rec, indent=2, sort_keys=True, default=str))
-    return rec
+    return recs
 
+
+# --------------------------------------------------------------------------- results
 
 def collect(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/*/*/result.json"))]
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/*/seed*/lr*/result.json"))]
+
+
+def final_runs(out: Path, args, recs: list[dict]) -> list[dict]:
+    """One run per (task, method, budget, seed): the one at the chosen lr multiplier."""
+    by = {(r["task"], r["method"], r["budget"], r["seed"], r["lr_scale"]): r for r in recs}
+    out_runs = []
+    for task, method, budget in cells(args):
+        scale = chosen_scale(out, args, task, method, budget)
+        if scale is None:
+            continue
+        for seed in seeds_for(args, task):
+            r = by.get((task, method, budget, seed, scale))
+            if r is not None:
+                out_runs.append({**r, "lr_grid": list(args.lr_grid), "lr_chosen_on_seeds": list(args.lr_seeds)})
+    return out_runs
 
 
 def _fmt(xs: list[float]) -> str:
@@ -134,79 +255,111 @@ def _fmt(xs: list[float]) -> str:
     return f"{100 * m:.1f} ± {100 * s:.1f}"
 
 
+def budget_methods(runs: list[dict], budget: str, methods: list[str]) -> dict[str, list[dict]]:
+    """The runs of each method in the table of ``budget`` (fixed-shape methods in every table)."""
+    return {m: [r for r in runs if r["method"] == m and r["budget"] == budget_key(m, budget) and r["status"] == "ok"]
+            for m in methods}
+
+
+def task_average(rs: list[dict], tasks: list[str]) -> float:
+    means = [statistics.mean([r["test"] for r in rs if r["task"] == t]) for t in tasks if any(r["task"] == t for r in rs)]
+    return statistics.mean(means) if len(means) == len(tasks) else float("nan")
+
+
+def paired_table(by_method: dict[str, list[dict]], tasks: list[str]) -> list[str]:
+    """Markdown rows: each method against every other, paired over (task, seed)."""
+    from s3pet.stats import pair_up, paired_difference
+
+    scores = {m: {(r["task"], r["seed"]): r["test"] for r in rs if r["task"] in tasks} for m, rs in by_method.items()}
+    names = [m for m, s in scores.items() if {t for t, _ in s} == set(tasks)]
+    lines = ["| A | B | A - B (x100) | 95% interval | wins / losses / ties | pairs |", "|---|---|---|---|---|---|"]
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            d = pair_up(scores[a], scores[b])
+            if set(d) != set(tasks):
+                continue
+            p = paired_difference(d)
+            diff = f"{100 * p.mean:+.2f}"
+            if p.low > 0 or p.high < 0:  # the interval excludes 0
+                diff = f"**{diff}**"
+            lines.append(f"| {a} | {b} | {diff} | [{100 * p.low:+.2f}, {100 * p.high:+.2f}] | "
+                         f"{p.wins} / {p.losses} / {p.ties} | {p.pairs} |")
+    return lines
+
+
 def report(out: Path, args) -> str:
     """results.json, results.md and quality.png from every finished run."""
-    recs = [r for r in collect(out) if r.get("status") == "ok"]
-    failed = [r for r in collect(out) if r.get("status") != "ok"]
-    machines = sorted({r["retrain_cost"].get("machine", "?") for r in recs})
+    allrecs = collect(out)
+    runs = final_runs(out, args, allrecs)
+    failed = [r for r in allrecs if r.get("status") != "ok"]
+    machines = sorted({r["retrain_cost"].get("machine", "?") for r in allrecs if r.get("status") == "ok"})
     if machines:  # the machine the runs ran on, not the one writing the report
         args.machine = ", ".join(machines)
-    (out / "results.json").write_text(json.dumps({"runs": collect(out), "machine": args.machine,
-                                                   "command": " ".join(sys.argv)}, indent=2, default=str))
-    tasks = [t for t in args.tasks if any(r["task"] == t for r in recs)]
-    methods = [m for m in args.methods if any(r["method"] == m for r in recs)]
-    full = {t: [r["test"] for r in recs if r["task"] == t and r["method"] == "full"] for t in tasks}
-    lines = [f"Model {args.model_name}; test metric x100 (mean ± std over seeds); machine: {args.machine}.", ""]
+    (out / "results.json").write_text(json.dumps({
+        "runs": runs, "lr_sweep": [r for r in allrecs if r.get("seed") in args.lr_seeds],
+        "machine": args.machine, "command": " ".join(sys.argv), "protocol": {
+            "lr_grid": args.lr_grid, "lr_seeds": args.lr_seeds, "seeds": args.seeds, "small_seeds": args.small_seeds,
+            "small_tasks": list(SMALL), "recipe": {t: {"epochs": e, "max_length": m} for t, (e, m) in RECIPE.items()},
+            "pooling": args.pooling}}, indent=2, default=str))
+    tasks = [t for t in args.tasks if any(r["task"] == t for r in runs)]
+    lines = [f"Model {args.model_name}; test metric x100 (mean ± std over seeds; {len(args.seeds)} seeds, "
+             f"{len(args.small_seeds)} on {', '.join(SMALL)}); learning rate chosen on validation from "
+             f"{len(args.lr_grid)} multipliers ({', '.join(f'{s:g}' for s in args.lr_grid)}) of each kind's rate; "
+             f"machine: {args.machine}.", ""]
     for budget in args.budgets:
+        by_method = budget_methods(runs, budget, [m for m in args.methods])
+        by_method = {m: rs for m, rs in by_method.items() if rs}
+        if not any(m not in FIXED_SHAPE for m in by_method):
+            continue
         lines += [f"### Budget {budget} of the backbone", "",
-                  "| method | " + " | ".join(tasks) + " | average | % of full FT | PET params | search s | retrain s |",
+                  "| method | " + " | ".join(tasks) + " | average | PET params | lr x | search s | train s |",
                   "|---|" + "---|" * (len(tasks) + 5)]
-        for meth in methods:
-            b = "-" if meth == "full" else budget
-            rs = [r for r in recs if r["method"] == meth and r["budget"] == b]
-            if not rs:
-                continue
-            cells, means = [], []
-            for t in tasks:
-                xs = [r["test"] for r in rs if r["task"] == t]
-                cells.append(_fmt(xs))
-                if xs:
-                    means.append(statistics.mean(xs))
-            avg = statistics.mean(means) if len(means) == len(tasks) else float("nan")
-            fulls = [statistics.mean(full[t]) for t in tasks if full.get(t)]
-            pct = 100 * avg / statistics.mean(fulls) if fulls and len(fulls) == len(tasks) and not math.isnan(avg) else float("nan")
+        for meth, rs in by_method.items():
+            cells_ = [_fmt([r["test"] for r in rs if r["task"] == t]) for t in tasks]
+            avg = task_average(rs, tasks)
             params = statistics.mean(r["params"]["pet"] for r in rs)
-            ss = [r.get("search_cost", {}).get("seconds") for r in rs if r.get("search_cost")]
+            scales = sorted({r["lr_scale"] for r in rs})
+            ss = [r["search_cost"].get("seconds", 0) for r in rs if r.get("search_cost")]
             rsec = statistics.mean(r["retrain_cost"]["seconds"] for r in rs)
-            lines.append(f"| {meth} | " + " | ".join(cells) + f" | {100 * avg:.1f} | {pct:.1f} | {params:,.0f} | "
+            lines.append(f"| {meth} | " + " | ".join(cells_) + f" | {100 * avg:.1f} | {params:,.0f} | "
+                         + "/".join(f"{s:g}" for s in scales) + " | "
                          + (f"{statistics.mean(ss):.0f}" if ss else "–") + f" | {rsec:.0f} |")
+        lines += ["", f"Paired differences at {budget} (test x100, difference of six-task averages; bold: the "
+                      "95% interval excludes 0):", ""]
+        lines += paired_table(by_method, tasks)
         lines.append("")
     if failed:
         lines += [f"{len(failed)} runs failed: " + "; ".join(f"{r['task']}/{r['method']}/{r['budget']}/{r['seed']}: "
                                                             f"{r.get('error', '')[:120]}" for r in failed[:10]), ""]
     md = "\n".join(lines)
     (out / "results.md").write_text(md)
-    _plot(recs, tasks, methods, out / "quality.png")
+    _plot(runs, tasks, args.methods, args.budgets, out / "quality.png")
     return md
 
 
-def _plot(recs, tasks, methods, path: Path) -> None:
+def _plot(runs, tasks, methods, budgets, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not recs:
+    ok = [r for r in runs if r["status"] == "ok"]
+    if not ok:
         return
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    markers = "os^vDP*Xh"
+    fig, ax = plt.subplots(figsize=(8, 5))
+    markers = "os^vDP*Xh<>dp"
     for i, meth in enumerate(methods):
-        pts = {}
-        for r in recs:
-            if r["method"] != meth:
-                continue
-            pts.setdefault(r["budget"], []).append(r)
         xs, ys = [], []
-        for b, rs in pts.items():
-            per_task = {}
-            for r in rs:
-                per_task.setdefault(r["task"], []).append(r["test"])
-            if len(per_task) != len(tasks):
-                continue
-            xs.append(statistics.mean(r["params"]["pet"] for r in rs))
-            ys.append(100 * statistics.mean(statistics.mean(v) for v in per_task.values()))
-        order = sorted(range(len(xs)), key=lambda k: xs[k])
-        ax.plot([xs[k] for k in order], [ys[k] for k in order], marker=markers[i % len(markers)], label=meth)
+        for b in sorted({budget_key(meth, b) for b in budgets}):
+            rs = [r for r in ok if r["method"] == meth and r["budget"] == b]
+            avg = task_average(rs, tasks)
+            if rs and not math.isnan(avg):
+                xs.append(statistics.mean(r["params"]["pet"] for r in rs))
+                ys.append(100 * avg)
+        if xs:
+            order = sorted(range(len(xs)), key=lambda k: xs[k])
+            ax.plot([xs[k] for k in order], [ys[k] for k in order], marker=markers[i % len(markers)], label=meth,
+                    linestyle="-" if len(xs) > 1 else "none")
     ax.set_xscale("log")
     ax.set_xlabel("trainable PET parameters (log; head not counted)")
     ax.set_ylabel(f"test score x100, mean over {len(tasks)} tasks")
@@ -217,7 +370,35 @@ def _plot(recs, tasks, methods, path: Path) -> None:
     fig.savefig(path, dpi=150)
 
 
-def main(argv=None) -> int:
+# --------------------------------------------------------------------------- merging calls
+
+def merge(out: Path, source: Path) -> int:
+    """Copy into ``out`` every finished run of ``source`` (an output folder or a .tar.gz of one)
+    that ``out`` lacks; returns how many were copied. Runs present in both are kept as they are."""
+    tmp = None
+    if source.is_file():
+        tmp = out / ".merge-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with tarfile.open(source) as tf:
+            tf.extractall(tmp, filter="data")
+        roots = [p.parent for p in tmp.rglob("runs") if p.is_dir()]
+        source = min(roots, key=lambda p: len(p.parts)) if roots else tmp
+    n = 0
+    for res in sorted((source / "runs").glob("*/*/*/seed*/lr*/result.json")):
+        rel = res.parent.relative_to(source)
+        if not (out / rel / "result.json").exists():
+            shutil.copytree(res.parent, out / rel, dirs_exist_ok=True)
+            n += 1
+    for srch in sorted((source / "runs").glob("*/*/*/seed*/*/structure.json")):  # finished searches
+        rel = srch.parent.relative_to(source)
+        if not (out / rel / "structure.json").exists():
+            shutil.copytree(srch.parent, out / rel, dirs_exist_ok=True)
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return n
+
+
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--model-name", default="all-MiniLM-L6-v2 (real weights, fp16 copy upcast to fp32)")
@@ -226,66 +407,91 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--budgets", default=",".join(BUDGETS))
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--search-epochs", type=float, default=3.0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--head-lr", type=float, default=1e-2)
+    p.add_argument("--seeds", default="0,1,2", help="seeds of every task but the small ones")
+    p.add_argument("--small-seeds", default="0,1,2,3,4", help=f"seeds of {', '.join(SMALL)}")
+    p.add_argument("--lr-grid", default="0.5,1,2", help="multipliers of each kind's known-good learning rate")
+    p.add_argument("--lr-seeds", default="0", help="seeds on which the learning rate is chosen (validation)")
+    p.add_argument("--pooling", default="auto", choices=["auto", "pooler", "mean"])
+    p.add_argument("--search-epochs", type=float, default=0, help="0 = as many as the retrain")
     p.add_argument("--w-lr", type=float, default=3e-3)
     p.add_argument("--alpha-lr", type=float, default=0.1)
-    p.add_argument("--max-train-samples", type=int, default=4000)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-train-samples", type=int, default=0, help="0 = whole training sets")
+    p.add_argument("--max-length", type=int, default=0, help="0 = the recipe's per task")
+    p.add_argument("--epochs", type=float, default=0, help="0 = the recipe's per task")
     p.add_argument("--optuna-trials", type=int, default=3)
-    p.add_argument("--min-steps", type=int, default=300, help="small tasks train for at least this many steps")
     p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2, help="CPU threads per worker")
-    p.add_argument("--time-limit", type=float, default=0, help="stop launching runs after this many seconds")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per worker")
+    p.add_argument("--time-limit", type=float, default=0,
+                   help="seconds: launch only runs expected to end within it (0 = no limit)")
+    p.add_argument("--seconds-per-step", type=float, default=0.045, help="first guess of a worker's step time")
+    p.add_argument("--merge", action="append", default=[], help="another call's output folder or .tar.gz")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--keep-weights", action="store_true", help="keep delta.safetensors and search.pt of every run")
     args = p.parse_args(argv)
     args.tasks = args.tasks.split(",")
     args.budgets = args.budgets.split(",")
     args.methods = args.methods.split(",")
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.small_seeds = [int(s) for s in args.small_seeds.split(",")]
+    args.lr_grid = [float(s) for s in args.lr_grid.split(",")]
+    args.lr_seeds = [int(s) for s in args.lr_seeds.split(",")]
+    order = {b: i for i, b in enumerate(["-"] + args.budgets)}
+    args.budgets_order = lambda b: order.get(b, 99)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for src in args.merge:
+        print(f"merged {merge(out, Path(src))} runs from {src}", flush=True)
     import torch
 
     args.machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     if not args.report_only:
-        todo = [j for j in jobs(args) if not (job_dir(out, j["task"], j["method"], j["budget"], j["seed"])
-                                              / "result.json").exists()]
-        # Long tasks first so that the tail of the grid is short.
-        weight = {"sst2": 0, "cola": 1, "stsb": 2, "mrpc": 3, "rte": 4, "cb": 5}
-        todo.sort(key=lambda j: (j["seed"], weight.get(j["task"], 9), j["method"]))
-        print(f"{len(todo)} runs to do", flush=True)
-        t0 = time.time()
-        ad = vars(args)
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as ex:
-            pending = set()
-            it = iter(todo)
-            done = 0
-            while True:
-                while len(pending) < args.workers:
-                    if args.time_limit and time.time() - t0 > args.time_limit:
-                        break
-                    j = next(it, None)
-                    if j is None:
-                        break
-                    pending.add(ex.submit(run_job, j, ad))
-                if not pending:
-                    break
-                fin, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in fin:
-                    r = f.result()
-                    done += 1
-                    print(f"[{time.time() - t0:6.0f}s] {done} {r['task']}/{r['method']}/{r['budget']}/s{r['seed']}: "
-                          f"{r['status']} {r.get('test', r.get('error', ''))}", flush=True)
+        run_grid(out, args)
     print(report(out, args))
     return 0
+
+
+def run_grid(out: Path, args) -> None:
+    import multiprocessing as mp
+
+    weight = {"sst2": 0, "cola": 1, "stsb": 2, "mrpc": 3, "rte": 4, "cb": 5}  # long tasks first: a short tail
+    t0 = time.time()
+    ad = {k: v for k, v in vars(args).items() if k != "budgets_order"}
+    running: dict = {}
+    # Seconds per optimizer step of one worker while the GPU is shared, measured as runs finish
+    # (the first guess is what 14 workers on one H200 gave): with --time-limit a job starts only
+    # if it should end in time, so that no run is killed half-way.
+    per_step, seen = args.seconds_per_step, []
+    with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as ex:
+        while True:
+            left = args.time_limit - (time.time() - t0) if args.time_limit else math.inf
+            busy = {(j["task"], j["method"], j["budget"], j["seed"], tuple(j["scales"])) for j in running.values()}
+            todo = [j for j in pending_jobs(out, args)
+                    if (j["task"], j["method"], j["budget"], j["seed"], tuple(j["scales"])) not in busy
+                    and not any(set(j["scales"]) & set(b[4]) and j["task"] == b[0] and j["method"] == b[1]
+                                and j["budget"] == b[2] and j["seed"] == b[3] for b in busy)]
+            todo = [j for j in todo if 1.3 * job_steps(args, j) * per_step < left]  # 30% margin: load, eval
+            todo.sort(key=lambda j: (j["seed"] not in args.lr_seeds, weight.get(j["task"], 9), j["method"]))
+            for j in todo[:max(0, args.workers - len(running))]:
+                running[ex.submit(run_job, j, ad)] = j
+            if not running:
+                break
+            fin, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for f in fin:
+                running.pop(f)
+                for r in f.result():
+                    if r.get("status") == "ok" and r.get("steps"):
+                        seen.append(r["seconds"] / r["steps"])
+                        per_step = statistics.median(seen)
+                    print(f"[{time.time() - t0:6.0f}s] {r['task']}/{r['method']}/{r['budget']}/s{r['seed']}/"
+                          f"lr{r['lr_scale']:g}: {r['status']} {r.get('test', r.get('error', ''))}", flush=True)
 
 
 if __name__ == "__main__":

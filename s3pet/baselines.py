@@ -4,7 +4,11 @@ Each builder returns the structure a practitioner would pick by hand, as large a
 without exceeding the budget:
 - ``lora``: LoRA on query and value (Hu et al.) at the largest uniform rank that fits; if even
   rank 1 does not fit on every layer, rank 1 on the top layers. Wider placements (q,k,v,o; all
-  linears) are taken when they use more of the budget at rank >= 1.
+  linears) are taken when they use more of the budget at rank >= 1. alpha = 2r (scaling 2),
+  as peft users usually set it.
+- ``lora-all``: LoRA on every attention and FFN linear at the largest uniform rank that fits
+  (rank 1 on all six linears is the strongest simple placement at ~0.2%: placement beats rank);
+  below rank 1 everywhere, rank 1 on as many top-layer linears as fit.
 - ``adapter``: Houlsby adapters after both sublayers of every layer at the largest uniform
   bottleneck; then FFN-only (Pfeiffer); then fewer (top) layers at bottleneck 1.
 - ``bitfit`` / ``lnfit``: every bias / every norm scale; if that exceeds the budget, the
@@ -26,7 +30,7 @@ from s3pet.space import ModuleSpec, Site, discover_sites, instantiate, load_spac
 from s3pet.deltas import KINDS
 from s3pet.supernet import kept_specs
 
-METHODS = ("full", "lora", "adapter", "bitfit", "lnfit", "random")
+METHODS = ("full", "lora", "lora-all", "adapter", "bitfit", "lnfit", "random")
 
 
 def _spec(site: Site, kind: str, units: int, **params) -> ModuleSpec:
@@ -59,24 +63,36 @@ def _uniform(sites: list[Site], kind: str, budget: int, **params) -> list[Module
 
 
 
-def lora_specs(sites: list[Site], budget: int, alpha: float = 16.0) -> list[ModuleSpec]:
+def _lora_alpha_2r(specs: list[ModuleSpec]) -> list[ModuleSpec]:
+    """alpha = 2r on every module (scaling 2, whatever the rank), as peft users set it."""
+    return [_spec(s.site, "lora", s.units, alpha=2.0 * s.units) for s in specs]
+
+
+def _linears(sites: list[Site]) -> list[Site]:
+    return [s for s in sites if s.host == "linear" and s.role != "other"]
+
+
+def lora_specs(sites: list[Site], budget: int) -> list[ModuleSpec]:
     lin = [s for s in sites if s.host == "linear"]
     qv = [s for s in lin if s.role in ("attn.q", "attn.v", "attn.qkv")]
     attn = [s for s in lin if s.role.startswith("attn.") and s.role != "attn.other"]
-    every = [s for s in lin if s.role != "other"]
     options = []
-    for group in (qv, attn, every):
-        sp = _uniform(group, "lora", budget, alpha=alpha)
+    for group in (qv, attn, _linears(sites)):
+        sp = _uniform(group, "lora", budget)
         if sp and all(x.units >= 1 for x in sp) and len(sp) == len(group):
             options.append(sp)
     if not options:  # not even rank 1 on every q/v: rank 1 on the top layers
-        options.append(_uniform(qv or lin, "lora", budget, alpha=alpha))
+        options.append(_uniform(qv or lin, "lora", budget))
     # Prefer the conventional q,v placement unless a wider one fills clearly more (>10%) of the budget.
     best = options[0]
     for o in options[1:]:
         if _total(o) > 1.1 * _total(best):
             best = o
-    return best
+    return _lora_alpha_2r(best)
+
+
+def lora_all_specs(sites: list[Site], budget: int) -> list[ModuleSpec]:
+    return _order(_lora_alpha_2r(_uniform(_linears(sites), "lora", budget)), sites)
 
 
 def adapter_specs(sites: list[Site], budget: int) -> list[ModuleSpec]:
@@ -142,7 +158,7 @@ def baseline_structure(method: str, backbone: nn.Module, budget: int, seed: int 
         kept = random_specs(sites, budget, space, seed)
         space_name = f"random:{load_space(space).name}"
     else:
-        build = {"lora": lora_specs, "adapter": adapter_specs, "bitfit": bitfit_specs, "lnfit": lnfit_specs}[method]
+        build = {"lora": lora_specs, "lora-all": lora_all_specs, "adapter": adapter_specs, "bitfit": bitfit_specs, "lnfit": lnfit_specs}[method]
         kept = [(sp, None) for sp in build(sites, budget)]
         space_name = method
     if not kept:

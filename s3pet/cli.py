@@ -17,6 +17,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 log = logging.getLogger("s3pet")
 
+# s3pet.baselines.METHODS + s3pet.peft_methods.METHODS (tested), named here so that --help
+# needs no torch import.
+BASELINE_METHODS = ("full", "lora", "lora-all", "adapter", "bitfit", "lnfit", "random",
+                    "peft-lora-r8-qv", "peft-lora-all-r1", "adalora")
+
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -112,7 +117,8 @@ def _train_cfg(args, **over):
 
     d = {k: getattr(args, k) for k in ("epochs", "max_steps", "batch_size", "lr", "full_lr", "head_lr", "weight_decay",
                                         "grad_clip", "grad_accum", "eval_every", "patience", "max_length", "seed",
-                                        "device", "precision", "max_train_samples", "max_eval_samples", "compile")
+                                        "device", "precision", "max_train_samples", "max_eval_samples", "compile",
+                                        "lr_scale", "pooling")
          if getattr(args, k, None) is not None}
     d["progress"] = not args.no_progress
     d.update(over)
@@ -124,7 +130,7 @@ def _search_cfg(args, **over):
 
     names = ("order", "epochs", "max_steps", "batch_size", "w_lr", "alpha_lr", "head_lr", "grad_clip", "beta",
              "temperature", "controller", "select", "eval_every", "max_length", "seed", "device", "precision",
-             "max_train_samples", "max_eval_samples", "l0_weight", "xi", "compile")
+             "max_train_samples", "max_eval_samples", "l0_weight", "xi", "compile", "pooling")
     d = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if getattr(args, "hard", False):
         d["hard"] = True
@@ -279,12 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--max-train-samples", type=int, default=None, help="seeded training subset (quick runs)")
         q.add_argument("--max-eval-samples", type=int, default=None, help="cap on validation and test examples")
         q.add_argument("--eval-every", type=int, default=None, help="steps between validations")
-        q.add_argument("--head-lr", type=float, default=None)
+        q.add_argument("--head-lr", type=float, default=None,
+                       help="learning rate of the task head (default: the largest module rate)")
+        q.add_argument("--pooling", default=None, choices=["auto", "pooler", "mean"],
+                       help="encoder read-out: auto = the model's own pooler when it has one (as "
+                            "AutoModelForSequenceClassification), else the mean over tokens")
         q.add_argument("--grad-clip", type=float, default=None)
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def train_only(q):
-        q.add_argument("--lr", type=float, default=None, help="learning rate of PET modules and head (default 1e-3)")
+        q.add_argument("--lr", type=float, default=None,
+                       help="learning rate of every PET module (default: each kind's own, LoRA 5e-4, others 1e-3)")
+        q.add_argument("--lr-scale", type=float, default=None, help="multiplies every learning rate (default 1)")
         q.add_argument("--full-lr", type=float, default=None, help="learning rate of full fine-tuning (default 5e-5)")
         q.add_argument("--weight-decay", type=float, default=None)
         q.add_argument("--grad-accum", type=int, default=None)
@@ -332,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     common_train(sp)
     train_only(sp)
     sp.set_defaults(model="minilm")
-    sp.add_argument("--method", required=True, choices=["full", "lora", "adapter", "bitfit", "lnfit", "random"])
+    sp.add_argument("--method", required=True, choices=BASELINE_METHODS,
+                    help="hand-designed method sized to --budget, a random structure, full fine-tuning, or a "
+                         "reference run through HF peft itself (peft-*, adalora)")
     sp.add_argument("--budget", default=None, help="required except for full")
     sp.add_argument("--space", default="s3pet-m", help="space of the random method")
     sp.add_argument("--task", required=True)

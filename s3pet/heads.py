@@ -1,7 +1,10 @@
 """Task models: a backbone (with PET modules attached) plus a task head.
 
-- Encoder models (BERT, RoBERTa, MiniLM): mean pooling over tokens, then a linear head
-  (MiniLM was trained with mean pooling, so it is the natural read-out).
+- Encoder models (BERT, RoBERTa, MiniLM): by default (``pooling="auto"``) the model's own
+  pooler when it has one (BERT's first-token dense + tanh, frozen unless every weight
+  trains), then dropout and a linear classifier initialised as transformers initialises it:
+  exactly ``AutoModelForSequenceClassification``, so a PET method trains here as it trains
+  there. ``pooling="mean"`` (or a model without a pooler) averages the tokens instead.
 - Decoder-only models (GPT-2, LLaMA): the last non-padding token, then a linear head.
 - Encoder-decoder models (T5): text to text as in the S3PET paper: classification reads the
   decoder's first-step logits at each label word's first token (no trainable head);
@@ -25,7 +28,7 @@ from s3pet.space import default_stack
 class TaskModel(nn.Module):
     """Backbone + head. ``forward(batch) -> logits`` of shape (B, labels), (B,) or (B, choices)."""
 
-    def __init__(self, backbone: nn.Module, card, tokenizer=None, dropout: float = 0.1):
+    def __init__(self, backbone: nn.Module, card, tokenizer=None, dropout: float = 0.1, pooling: str = "auto"):
         super().__init__()
         self.backbone = backbone
         self.card = card
@@ -49,6 +52,16 @@ class TaskModel(nn.Module):
             self.head = nn.Identity()
         else:
             self.head = nn.Linear(hidden, out)
+        has_pooler = getattr(backbone, "pooler", None) is not None
+        if pooling not in ("auto", "pooler", "mean"):
+            raise TaskError(f"pooling must be auto, pooler or mean, got {pooling!r}")
+        if pooling == "pooler" and not has_pooler:
+            raise TaskError(f"pooling 'pooler': {type(backbone).__name__} has no pooler; use --pooling mean")
+        self.pooling = "pooler" if (pooling != "mean" and has_pooler and not (self.seq2seq or self.causal)) else "mean"
+        if self.pooling == "pooler" and isinstance(self.head, nn.Linear):
+            # transformers' initialisation of a classifier (normal, std = initializer_range, zero bias)
+            nn.init.normal_(self.head.weight, std=getattr(cfg, "initializer_range", 0.02))
+            nn.init.zeros_(self.head.bias)
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters())
@@ -62,7 +75,10 @@ class TaskModel(nn.Module):
             if self.text_to_text:
                 return out.logits[:, 0, :]
             return out.decoder_hidden_states[-1][:, 0, :]
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        if self.pooling == "pooler":
+            return out.pooler_output
+        h = out.last_hidden_state
         if self.causal:
             last = attention_mask.long().sum(1) - 1  # right padding
             return h[torch.arange(h.shape[0], device=h.device), last.clamp(min=0)]

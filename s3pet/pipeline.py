@@ -27,7 +27,7 @@ from s3pet.search import SearchConfig, SearchModel, run_search, write_alphas_csv
 from s3pet.space import discover_sites, instantiate, load_space
 from s3pet.supernet import Supernet
 from s3pet.tasks import load_task
-from s3pet.train import TrainConfig, encode_task, evaluate, fit, resolve_device
+from s3pet.train import TrainConfig, encode_task, evaluate, fit, learning_rates, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def search(model: str, task: str, space: str, budget: str | int, out: str | Path
         if (old.get("model"), old.get("task"), old.get("space")) != (model, task, space):
             raise ConfigError(f"--resume: {out} holds a search of {old.get('model')}/{old.get('task')}/"
                               f"{old.get('space')}, not {model}/{task}/{space}")
-        cfg = SearchConfig.from_dict(old["search"])
+        cfg = SearchConfig.from_dict({"pooling": "mean", **old["search"]})  # searches before pooling: mean
     backbone, space_obj, specs, b, brec = space_on_model(model, space, budget, cfg.seed)
     total_space = sum(s.n_params for s in specs)
     config = {"command": "search", "model": model, "task": task, "space": space, "space_spec": space_obj.to_dict(),
@@ -122,7 +122,7 @@ def search(model: str, task: str, space: str, budget: str | int, out: str | Path
     torch.manual_seed(cfg.seed)
     sn = Supernet(backbone, specs, b, beta=cfg.beta, temperature=cfg.temperature, hard=cfg.hard,
                   controller=cfg.controller, l0_weight=cfg.l0_weight)
-    tm = TaskModel(backbone, td.card, tok)
+    tm = TaskModel(backbone, td.card, tok, pooling=cfg.pooling)
     root = SearchModel(sn, tm)
     log.info("search: %s on %s, space %s (%d candidates, %d params), budget %d (%.4f%%)", model, task, space,
              sn.alpha.numel(), total_space, b, 100 * brec["fraction"])
@@ -179,19 +179,21 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
     deltaset = None
     if structure is not None:
         deltaset = S.apply(structure, backbone)
-    tm = TaskModel(backbone, td.card, tok)
+    tm = TaskModel(backbone, td.card, tok, pooling=cfg.pooling)
     groups = {"head": tm.head_parameters()}
     if full:
         groups["backbone"] = [p for p in backbone.parameters()]
     else:
-        groups["deltas"] = list(deltaset.parameters())
+        for spec in deltaset.specs:  # one group per kind: each trains at its own rate
+            groups.setdefault(f"kind:{spec.kind}", []).extend(deltaset.delta(spec).parameters())
         deltaset.to(resolve_device(cfg.device))
+    rates = learning_rates(cfg, [k[len("kind:"):] for k in groups if k.startswith("kind:")], full)
     n_trainable = sum(p.numel() for ps in groups.values() for p in ps)
     n_head = sum(p.numel() for p in groups["head"])
     n_pet = n_trainable - n_head
     if structure is not None and n_pet != structure.n_params:
         raise StructureError(f"built {n_pet} PET parameters but the structure lists {structure.n_params}")
-    res = fit(tm, groups, enc, cfg, out, full=full, on_eval=on_eval)
+    res = fit(tm, groups, enc, cfg, out, full=full, on_eval=on_eval, rates=rates)
     named = {f"head.{k}": v for k, v in tm.head.state_dict().items()}
     if full:
         named.update({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
@@ -204,7 +206,7 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
                "validation": res.best_validation, "test": res.test, "best_step": res.best_step, "steps": res.steps,
                "params": {"pet": n_pet, "head": n_head, "backbone": bb,
                           "pet_share_of_backbone": n_pet / bb if bb else 0.0},
-               "split_info": td.split_info,
+               "split_info": td.split_info, "learning_rates": rates, "pooling": tm.pooling,
                "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
                         "gpu_hours": gpu_hours(res.seconds, device),
                         "machine": _machine(device)}}
@@ -231,13 +233,13 @@ def evaluate_run(run_dir: str | Path, task: str | None = None, data_dir: str | N
     if not (run / "config.json").is_file() or not (run / "delta.safetensors").is_file():
         raise ConfigError(f"{run} is not a finished retrain/baseline run (needs config.json and delta.safetensors)")
     config = read_json(run / "config.json")
-    cfg = TrainConfig.from_dict(config.get("train", {}))
+    cfg = TrainConfig.from_dict({"pooling": "mean", **config.get("train", {})})  # runs before pooling: mean
     task = task or config["task"]
     model = config["model"]
     backbone = load_backbone(model, seed=cfg.seed)
     td, tok, enc = prepare_task(task, model, cfg.max_length, cfg.seed, 0, cfg.max_eval_samples,
                                 data_dir or config.get("data_dir"))
-    tm = TaskModel(backbone, td.card, tok)
+    tm = TaskModel(backbone, td.card, tok, pooling=cfg.pooling)
     weights = load_file(str(run / "delta.safetensors"))
     deltaset = None
     if "structure" in config:
@@ -265,9 +267,13 @@ def baseline(method: str, budget: str | int | None, task: str, out: str | Path, 
     """Train a hand-designed method (or a random structure of ``space``) sized to ``budget``."""
     from s3pet.baselines import METHODS, baseline_structure
 
+    from s3pet import peft_methods
+
     cfg = cfg or TrainConfig()
+    if method in peft_methods.METHODS:
+        return train_peft(method, budget, task, out, cfg, model=model, data_dir=data_dir)
     if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS + peft_methods.METHODS)}")
     if method != "full" and budget is None:
         raise ConfigError(f"--budget is required for method {method}")
     backbone = load_backbone(model, seed=cfg.seed)
@@ -284,6 +290,51 @@ def baseline(method: str, budget: str | int | None, task: str, out: str | Path, 
     m["method"] = method
     write_json(Path(out) / "metrics.json", m)
     return m
+
+
+def train_peft(method: str, budget: str | int | None, task: str, out: str | Path, cfg: TrainConfig,
+               model: str = "minilm", data_dir: str | None = None) -> dict:
+    """Train a reference method through HF peft itself (``s3pet.peft_methods``) with s3pet's loop,
+    splits and metrics; writes config.json, history.jsonl, metrics.json and the peft adapter
+    (``adapter/``, loadable with ``PeftModel.from_pretrained``)."""
+    from s3pet import peft_methods as PM
+    from s3pet.train import planned_steps
+
+    out = _check_out(out)
+    td, tok, enc = prepare_task(task, model, cfg.max_length, cfg.seed, cfg.max_train_samples, cfg.max_eval_samples,
+                                data_dir)
+    brec = None
+    if method in PM.BUDGETED:
+        if budget is None:
+            raise ConfigError(f"--budget is required for method {method}")
+        bb = count_params(load_backbone(model, seed=cfg.seed))
+        brec = B.budget_record(B.parse_budget(budget, bb), bb)
+    torch.manual_seed(cfg.seed)
+    _, total = planned_steps(cfg, len(enc.train))
+    tm, info = PM.build(method, model, td.card, brec and brec["params"], total, cfg.seed)
+    write_json(out / "config.json", {"command": f"baseline:{method}", "model": model, "task": task,
+                                     "data_dir": data_dir, "method": method, "budget": brec, "train": asdict(cfg),
+                                     "peft": info, "versions": versions()})
+    groups = {"kind:lora": [], "head": tm.head_parameters()}
+    head_ids = {id(p) for p in groups["head"]}
+    groups["kind:lora"] = [p for p in tm.peft_model.parameters() if p.requires_grad and id(p) not in head_ids]
+    rates = learning_rates(cfg, ["lora"])
+    after = PM.adalora_step(tm) if method == "adalora" else None
+    res = fit(tm, groups, enc, cfg, out, on_eval=None, rates=rates, after_step=after)
+    PM.save_adapter(tm, out / "adapter")
+    device = resolve_device(cfg.device)
+    n_pet, n_head = PM.n_pet_params(tm), sum(p.numel() for p in groups["head"])
+    bb = count_params(tm.peft_model.base_model.model.base_model) - n_pet
+    params = {"pet": info.get("final_params", n_pet), "trained": n_pet, "head": n_head, "backbone": bb}
+    params["pet_share_of_backbone"] = params["pet"] / bb
+    metrics = {"stage": f"baseline:{method}", "method": method, "task": task, "model": model,
+               "main_metric": td.card.main_metric, "validation": res.best_validation, "test": res.test,
+               "best_step": res.best_step, "steps": res.steps, "params": params, "split_info": td.split_info,
+               "learning_rates": rates, "pooling": "model's own (AutoModelForSequenceClassification)",
+               "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
+                        "gpu_hours": gpu_hours(res.seconds, device), "machine": _machine(device)}}
+    write_json(out / "metrics.json", metrics)
+    return metrics
 
 
 def run_all(model: str, task: str, space: str, budget: str | int, out: str | Path, scfg: SearchConfig,

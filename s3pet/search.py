@@ -65,6 +65,7 @@ class SearchConfig:
     eval_every: int = 0  # steps between validations; 0 = twice per epoch
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at every validation
     max_length: int = 128
+    pooling: str = "auto"  # encoder read-out, as in TrainConfig: auto | pooler | mean
     eval_batch_size: int = 128
     seed: int = 0
     device: str = "auto"
@@ -86,6 +87,8 @@ class SearchConfig:
         if not 0 < self.alpha_share < 1:
             raise ConfigError(f"alpha_share must be in (0, 1), got {self.alpha_share}")
         accel.check_setting(self.compile)
+        if self.pooling not in ("auto", "pooler", "mean"):
+            raise ConfigError(f"pooling must be auto, pooler or mean, got {self.pooling!r}")
         for name in ("epochs", "batch_size", "w_lr", "alpha_lr", "beta", "temperature", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

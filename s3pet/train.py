@@ -31,6 +31,8 @@ from s3pet.metrics import compute_metrics
 
 log = logging.getLogger(__name__)
 
+POOLINGS = ("auto", "pooler", "mean")
+
 
 @dataclass
 class TrainConfig:
@@ -39,9 +41,11 @@ class TrainConfig:
     epochs: float = 3.0  # passes over the training split (fractions allowed)
     max_steps: int = 0  # optimizer steps; 0 = from epochs
     batch_size: int = 32
-    lr: float = 1e-3  # PET modules and the head learn fast; full fine-tuning uses full_lr
+    lr: float = 0.0  # PET modules; 0 = each kind's known-good rate (LoRA 5e-4, the others 1e-3)
     full_lr: float = 5e-5  # learning rate when every backbone weight trains
-    head_lr: float = 0.0  # 0 = same as lr
+    head_lr: float = 0.0  # 0 = the largest rate of the trained modules (full_lr in full fine-tuning)
+    lr_scale: float = 1.0  # multiplies every rate above (what a learning-rate grid varies)
+    pooling: str = "auto"  # encoder read-out: auto (the model's own pooler if it has one, else mean) | pooler | mean
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06  # share of steps with a linear warm-up
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
@@ -60,21 +64,39 @@ class TrainConfig:
     compile: str = "auto"  # auto | on | off: torch.compile the model (auto: GPU, 2,000+ steps)
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "lr", "grad_accum", "max_length", "eval_batch_size", "log_every"):
+        for name in ("epochs", "batch_size", "lr_scale", "grad_accum", "max_length", "eval_batch_size", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("max_steps", "eval_every", "patience", "max_train_samples", "max_eval_samples",
-                     "weight_decay", "grad_clip", "head_lr", "warmup_ratio"):
+                     "weight_decay", "grad_clip", "lr", "full_lr", "head_lr", "warmup_ratio"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         accel.check_setting(self.compile)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def learning_rates(cfg: TrainConfig, kinds: list[str], full: bool = False) -> dict[str, float]:
+    """The AdamW rate of each parameter group: ``kind:<name>`` per PET kind, ``backbone`` and ``head``.
+
+    Each kind trains at ``cfg.lr`` if set, else at its own known-good rate (``DeltaKind.lr``);
+    the head at ``cfg.head_lr`` if set, else at the largest module rate (the rate a user of a
+    single method gives the whole model); everything times ``cfg.lr_scale``.
+    """
+    from s3pet.deltas import KINDS
+
+    rates = {f"kind:{k}": cfg.lr or KINDS[k].lr for k in sorted(set(kinds))}
+    if full:
+        rates["backbone"] = cfg.full_lr
+    head = cfg.head_lr or max(rates.values(), default=cfg.lr or 1e-3)
+    return {**{k: v * cfg.lr_scale for k, v in rates.items()}, "head": head * cfg.lr_scale}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -163,15 +185,26 @@ class TrainResult:
     history: list = field(default_factory=list)
 
 
+def planned_steps(cfg: TrainConfig, n_train: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) of a run over ``n_train`` examples."""
+    per_epoch = max(1, D.n_batches(n_train, cfg.batch_size, world=dist.world_size()) // cfg.grad_accum)
+    return per_epoch, cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+
+
 def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTask, cfg: TrainConfig,
         run_dir: str | Path | None = None, full: bool = False,
-        on_eval: Callable[[int, dict], None] | None = None) -> TrainResult:
+        on_eval: Callable[[int, dict], None] | None = None, rates: dict[str, float] | None = None,
+        after_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train the given parameter groups, keep the best validation state, report test there.
 
-    ``groups`` maps a name ("deltas", "head", "backbone") to parameters; everything else stays
-    frozen. ``on_eval(step, metrics)`` is called after each validation (e.g. to report to a
-    pruner); an exception raised there stops training and propagates. Returns the best
-    validation metrics and the test metrics of that checkpoint.
+    ``groups`` maps a name ("kind:lora", "deltas", "head", "backbone") to parameters; everything
+    else stays frozen. ``rates`` maps the same names to learning rates (see
+    ``learning_rates``); without it every group but the head trains at ``cfg.lr`` (``full_lr``
+    when ``full``). ``on_eval(step, metrics)`` is called after each validation (e.g. to report
+    to a pruner); an exception raised there stops training and propagates. ``after_step(step)``
+    runs after each optimizer step, before the gradients are cleared, with the
+    0-based step index (e.g. AdaLoRA's rank allocator). Returns the best validation metrics
+    and the test metrics of that checkpoint.
     """
     device = resolve_device(cfg.device)
     model.to(device)
@@ -179,12 +212,14 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
     trainable = [p for ps in groups.values() for p in ps]
     for p in trainable:
         p.requires_grad_(True)
-    lr = cfg.full_lr if full else cfg.lr
-    opt_groups = [{"params": ps, "lr": (cfg.head_lr or lr) if name == "head" else lr} for name, ps in groups.items()]
+    if rates is None:
+        lr = (cfg.full_lr if full else (cfg.lr or 1e-3)) * cfg.lr_scale
+        rates = {name: lr for name in groups}
+        rates["head"] = cfg.head_lr * cfg.lr_scale or lr
+    opt_groups = [{"params": ps, "lr": rates[name]} for name, ps in groups.items()]
     opt = make_adamw(opt_groups, device, cfg.weight_decay)
-    world, shard = dist.world_size(), (dist.rank(), dist.world_size())
-    per_epoch = max(1, D.n_batches(len(task.train), cfg.batch_size, world=world) // cfg.grad_accum)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    shard = (dist.rank(), dist.world_size())
+    per_epoch, total = planned_steps(cfg, len(task.train))
     sched = linear_schedule(opt, total, int(cfg.warmup_ratio * total))
     eval_every = cfg.eval_every or per_epoch
     hist_path = Path(run_dir) / "history.jsonl" if run_dir and dist.is_main() else None
@@ -221,6 +256,8 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             opt.step()
             sched.step()
+            if after_step is not None:  # before zero_grad: a rank allocator reads this step's gradients
+                after_step(step)
             opt.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)

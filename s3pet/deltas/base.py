@@ -69,6 +69,9 @@ class DeltaKind(ABC):
     hosts: tuple[str, ...] = ()  # which site hosts it attaches to: "linear", "norm", "block"
     stage: int = 1  # order at a host: 0 scales the base output, 1 adds in parallel, 2 sequential after
     defaults: dict = {}
+    # Known-good AdamW learning rate for this kind on a frozen backbone (batch 32, linear
+    # schedule, 6% warm-up): what retraining uses unless told otherwise (docs/benchmarks.md).
+    lr: float = 1e-3
 
     def check_params(self, params: dict) -> dict:
         """Validate a space entry's hyper-parameters and fill defaults; ConfigError on a bad one."""

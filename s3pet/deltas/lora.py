@@ -38,6 +38,7 @@ class LoRAKind(DeltaKind):
     hosts = ("linear",)
     stage = 1
     defaults = {"rank": 1, "alpha": 8.0}
+    lr = 5e-4  # peft's usual LoRA rate with alpha = 2r (scaling 2); BitFit/LNFit/adapters take 1e-3
 
     def max_units(self, site, params):
         return int(params["rank"])

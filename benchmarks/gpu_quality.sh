@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device call of the quality grid: map the package in place (no install: the GPU image
+# has the dependencies but no network), merge the previous calls' runs, run until the time
+# limit, then pack the whole output into one file under $OUT (only a few files come back).
+#   bash benchmarks/gpu_quality.sh TIME_LIMIT_S [quality.py options...]
+# Expects .gpu/model (the fp16 MiniLM), .gpu/data (GLUE/SuperGLUE files) and, optionally,
+# .gpu/prev.tgz (what an earlier call packed).
+set -u
+limit=$1; shift
+ln -sfn ../search_spaces s3pet/search_spaces
+ln -sfn ../tasks s3pet/task_cards
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+merge=(); [ -f .gpu/prev.tgz ] && merge=(--merge .gpu/prev.tgz)
+timeout $((limit + 30)) python3 benchmarks/quality.py --model .gpu/model --data-dir .gpu/data --out .gpu/q \
+  --workers "${WORKERS:-14}" --threads 1 --time-limit "$limit" "${merge[@]}" "$@" > "$OUT/log.txt" 2>&1
+echo "exit $?"
+tail -c 6000 "$OUT/log.txt"
+tar czf "$OUT/q.tgz" -C .gpu q
+cp .gpu/q/results.md .gpu/q/results.json .gpu/q/quality.png "$OUT/" 2>/dev/null
+nvidia-smi --query-gpu=name,memory.used --format=csv

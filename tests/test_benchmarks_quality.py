@@ -1,0 +1,109 @@
+"""The quality grid's protocol: lr sweep then seeds, resuming, merging calls, the report."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from scripts import load_benchmark
+
+Q = load_benchmark("quality")
+
+
+def _args(tmp_path, *extra):
+    return Q.parse(["--model", "m", "--data-dir", "d", "--out", str(tmp_path / "q"), "--tasks", "rte,mrpc",
+                    "--budgets", "0.1%", "--methods", "lora,full", "--seeds", "0,1", "--small-seeds", "0,1,2",
+                    "--lr-grid", "0.5,1,2", *extra])
+
+
+def _done(out: Path, task, method, budget, seed, scale, val, test=0.5, status="ok"):
+    d = Q.run_dir(out, task, method, budget, seed, scale)
+    d.mkdir(parents=True, exist_ok=True)
+    rec = {"task": task, "method": method, "budget": budget, "seed": seed, "lr_scale": scale, "status": status,
+           "validation": val, "test": test, "params": {"pet": 10}, "retrain_cost": {"seconds": 1, "machine": "x"},
+           "learning_rates": {"kind:lora": 5e-4 * scale, "head": 5e-4 * scale}, "lr": 5e-4 * scale}
+    (d / "result.json").write_text(json.dumps(rec))
+
+
+def test_sweep_first_then_the_other_seeds_at_the_chosen_rate(tmp_path):
+    a = _args(tmp_path)
+    out = Path(a.out)
+    jobs = Q.pending_jobs(out, a)
+    # only seed 0, one job per lr multiplier; full is budget-independent
+    assert {(j["task"], j["method"], j["budget"], j["seed"], tuple(j["scales"])) for j in jobs} == {
+        (t, m, b, 0, (s,)) for t in ("rte", "mrpc") for m, b in (("lora", "0.1%"), ("full", "-"))
+        for s in (0.5, 1.0, 2.0)}
+    for s, v in ((0.5, 0.6), (1.0, 0.7), (2.0, 0.65)):
+        _done(out, "rte", "lora", "0.1%", 0, s, v)
+    assert Q.chosen_scale(out, a, "rte", "lora", "0.1%") == 1.0
+    later = [j for j in Q.pending_jobs(out, a) if (j["task"], j["method"]) == ("rte", "lora")]
+    assert sorted((j["seed"], j["scales"][0]) for j in later) == [(1, 1.0), (2, 1.0)]  # rte: 3 seeds here
+
+
+def test_ties_prefer_the_known_good_rate_and_failures_never_win(tmp_path):
+    a = _args(tmp_path)
+    out = Path(a.out)
+    for s, v in ((0.5, 0.7), (1.0, 0.7), (2.0, 0.7)):
+        _done(out, "mrpc", "full", "-", 0, s, v)
+    assert Q.chosen_scale(out, a, "mrpc", "full", "-") == 1.0
+    _done(out, "rte", "full", "-", 0, 0.5, 0.9, status="failed")
+    _done(out, "rte", "full", "-", 0, 1.0, 0.1)
+    assert Q.chosen_scale(out, a, "rte", "full", "-") is None  # lr 2 not run yet
+    _done(out, "rte", "full", "-", 0, 2.0, 0.2)
+    assert Q.chosen_scale(out, a, "rte", "full", "-") == 2.0
+
+
+def test_search_methods_share_one_search_across_rates(tmp_path):
+    a = Q.parse(["--model", "m", "--data-dir", "d", "--out", str(tmp_path / "q"), "--tasks", "cb",
+                 "--budgets", "0.01%", "--methods", "s3pet-m"])
+    jobs = Q.pending_jobs(Path(a.out), a)
+    assert len(jobs) == 1 and jobs[0]["scales"] == [0.5, 1.0, 2.0]
+    # cb: 20 epochs of 250 examples at batch 32 = 160 steps per training; the search adds one more
+    assert Q.job_steps(a, jobs[0]) == 4 * 160
+
+
+def test_report_keeps_the_results_shape_and_pairs_methods(tmp_path):
+    a = _args(tmp_path)
+    out = Path(a.out)
+    for task, seeds in (("rte", (0, 1, 2)), ("mrpc", (0, 1))):
+        for m, b, base in (("lora", "0.1%", 0.6), ("full", "-", 0.7)):
+            for s in (0.5, 1.0, 2.0):
+                _done(out, task, m, b, 0, s, val=s / 10, test=base + s / 100)
+            for seed in seeds[1:]:
+                _done(out, task, m, b, seed, 2.0, val=0.2, test=base + seed / 100)
+    md = Q.report(out, a)
+    res = json.loads((out / "results.json").read_text())
+    runs = res["runs"]
+    assert len(runs) == 2 * (3 + 2)
+    for r in runs:
+        assert {"task", "method", "budget", "seed", "test", "lr"} <= set(r) and 0 <= r["test"] <= 1
+        assert r["lr_scale"] == 2.0 and r["lr_grid"] == [0.5, 1.0, 2.0]
+    assert len(res["lr_sweep"]) == 2 * 2 * 3
+    assert "| lora | full | **-10.00** |" in md  # lora is 0.1 below full on every pair
+    assert "0 / 5 / 0 | 5 |" in md
+
+
+def test_merge_brings_in_another_calls_runs_from_a_folder_or_a_tarball(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _done(a, "rte", "lora", "0.1%", 0, 1.0, 0.5)
+    _done(b, "rte", "lora", "0.1%", 0, 1.0, 0.9)  # present in both: a keeps its own
+    _done(b, "rte", "lora", "0.1%", 1, 1.0, 0.8)
+    s = Q.run_dir(b, "rte", "s3pet-m", "0.1%", 0, 1.0).parent / "search"
+    s.mkdir(parents=True)
+    (s / "structure.json").write_text("{}")
+    with tarfile.open(tmp_path / "b.tgz", "w:gz") as tf:
+        tf.add(b, arcname="q")
+    assert Q.merge(a, tmp_path / "b.tgz") == 1
+    assert json.loads((Q.run_dir(a, "rte", "lora", "0.1%", 0, 1.0) / "result.json").read_text())["validation"] == 0.5
+    assert (Q.run_dir(a, "rte", "lora", "0.1%", 1, 1.0) / "result.json").is_file()
+    assert (Q.run_dir(a, "rte", "s3pet-m", "0.1%", 0, 1.0).parent / "search" / "structure.json").is_file()
+    assert not (a / ".merge-tmp").exists()
+    assert Q.merge(a, b) == 0  # from a folder: nothing new any more
+
+
+def test_unknown_method_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        Q.parse(["--model", "m", "--data-dir", "d", "--out", str(tmp_path), "--methods", "lora,nope"])
