@@ -250,9 +250,38 @@ def final_runs(out: Path, args, recs: list[dict]) -> list[dict]:
 def _fmt(xs: list[float]) -> str:
     if not xs:
         return "–"
-    m = statistics.mean(xs)
-    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{100 * m:.1f} ± {100 * s:.1f}"
+    if len(xs) == 1:
+        return f"{100 * xs[0]:.1f} (1)"
+    return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f} ({len(xs)})"
+
+
+#: the reference script's method names for the methods of the same shape here
+ANCHOR_NAMES = {"full": "full", "lora": "lora_qv_r2", "bitfit": "bitfit", "lnfit": "lnfit",
+                "peft-lora-r8-qv": "lora", "peft-lora-all-r1": "lora_all_r1"}
+
+
+def anchor_table(runs: list[dict], tasks: list[str], path: Path, budget: str = "0.1%") -> list[str]:
+    """Markdown rows: each method here against the HF + peft reference of the same shape
+    (``path``: the reference script's JSON lines, scores x100), task by task."""
+    ref: dict = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if "test" in r:
+            ref.setdefault((r["method"], r["task"]), []).append(r["test"] / 100)
+    lines = ["| method (reference) | " + " | ".join(tasks) + " | average | reference average | difference |",
+             "|---|" + "---|" * (len(tasks) + 3)]
+    for meth, name in ANCHOR_NAMES.items():
+        rs = [r for r in runs if r["method"] == meth and r["budget"] == budget_key(meth, budget) and r["status"] == "ok"]
+        if not rs or not all((name, t) in ref for t in tasks):
+            continue
+        ours = task_average(rs, tasks)
+        theirs = statistics.mean(statistics.mean(ref[(name, t)]) for t in tasks)
+        cells_ = [f"{100 * statistics.mean([r['test'] for r in rs if r['task'] == t]):.1f} / "
+                  f"{100 * statistics.mean(ref[(name, t)]):.1f}" if any(r["task"] == t for r in rs) else "–"
+                  for t in tasks]
+        lines.append(f"| {meth} ({name}) | " + " | ".join(cells_) + f" | {100 * ours:.1f} | {100 * theirs:.1f} | "
+                     f"{100 * (ours - theirs):+.1f} |")
+    return lines
 
 
 def budget_methods(runs: list[dict], budget: str, methods: list[str]) -> dict[str, list[dict]]:
@@ -272,7 +301,8 @@ def paired_table(by_method: dict[str, list[dict]], tasks: list[str]) -> list[str
 
     scores = {m: {(r["task"], r["seed"]): r["test"] for r in rs if r["task"] in tasks} for m, rs in by_method.items()}
     names = [m for m, s in scores.items() if {t for t, _ in s} == set(tasks)]
-    lines = ["| A | B | A - B (x100) | 95% interval | wins / losses / ties | pairs |", "|---|---|---|---|---|---|"]
+    lines = ["| A | B | A - B (x100) | 95% interval | wins / losses / ties | pairs (fewest per task) |",
+             "|---|---|---|---|---|---|"]
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             d = pair_up(scores[a], scores[b])
@@ -280,10 +310,10 @@ def paired_table(by_method: dict[str, list[dict]], tasks: list[str]) -> list[str
                 continue
             p = paired_difference(d)
             diff = f"{100 * p.mean:+.2f}"
-            if p.low > 0 or p.high < 0:  # the interval excludes 0
+            if (p.low > 0 or p.high < 0) and p.min_pairs >= 2:  # excludes 0, every task with seeds to resample
                 diff = f"**{diff}**"
             lines.append(f"| {a} | {b} | {diff} | [{100 * p.low:+.2f}, {100 * p.high:+.2f}] | "
-                         f"{p.wins} / {p.losses} / {p.ties} | {p.pairs} |")
+                         f"{p.wins} / {p.losses} / {p.ties} | {p.pairs} ({p.min_pairs}) |")
     return lines
 
 
@@ -325,9 +355,14 @@ def report(out: Path, args) -> str:
                          + "/".join(f"{s:g}" for s in scales) + " | "
                          + (f"{statistics.mean(ss):.0f}" if ss else "–") + f" | {rsec:.0f} |")
         lines += ["", f"Paired differences at {budget} (test x100, difference of six-task averages; bold: the "
-                      "95% interval excludes 0):", ""]
+                      "95% interval excludes 0 and every task has 2+ seeds; a task with one seed adds no "
+                      "variance, so such intervals are too narrow):", ""]
         lines += paired_table(by_method, tasks)
         lines.append("")
+    if args.anchors:
+        lines += [f"Against HF + peft run by the reference script ({Path(args.anchors).name}; cells: here / "
+                  "reference, test x100, means over seeds):", ""]
+        lines += anchor_table(runs, tasks, Path(args.anchors), args.budgets[0]) + [""]
     if failed:
         lines += [f"{len(failed)} runs failed: " + "; ".join(f"{r['task']}/{r['method']}/{r['budget']}/{r['seed']}: "
                                                             f"{r.get('error', '')[:120]}" for r in failed[:10]), ""]
@@ -426,6 +461,7 @@ def parse(argv=None):
     p.add_argument("--seconds-per-step", type=float, default=0.045, help="first guess of a worker's step time")
     p.add_argument("--merge", action="append", default=[], help="another call's output folder or .tar.gz")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--anchors", default=None, help="the reference script's JSON lines: compare shape by shape")
     p.add_argument("--keep-weights", action="store_true", help="keep delta.safetensors and search.pt of every run")
     args = p.parse_args(argv)
     args.tasks = args.tasks.split(",")

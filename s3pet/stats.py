@@ -5,6 +5,8 @@ data order. The statistic is the difference of their averages over tasks (each t
 same, however many seeds it has), which is the mean over tasks of the mean paired difference
 per task. Its 95% interval comes from a stratified bootstrap: seeds are resampled with
 replacement within each task, so that a task with 5 seeds and one with 3 keep their shares.
+A task with a single pair contributes no variance, so an interval over such tasks is too
+narrow: ``min_pairs`` says so, and a report should not call such a difference significant.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Paired(NamedTuple):
     ties: int
     pairs: int
     tasks: int
+    min_pairs: int  # the fewest pairs of any task: with 1, that task adds no variance and the interval is too narrow
 
 
 def pair_up(a: dict[tuple[str, int], float], b: dict[tuple[str, int], float]) -> dict[str, list[float]]:
@@ -59,4 +62,5 @@ def paired_difference(diffs: dict[str, Sequence[float]], n_boot: int = 10_000, s
     hi = boots[int(round((1 - alpha) * (n_boot - 1)))]
     wins = sum(x > 0 for x in flat)
     losses = sum(x < 0 for x in flat)
-    return Paired(point, lo, hi, wins, losses, len(flat) - wins - losses, len(flat), len(tasks))
+    return Paired(point, lo, hi, wins, losses, len(flat) - wins - losses, len(flat), len(tasks),
+                  min(len(d) for d in tasks.values()))

@@ -83,7 +83,7 @@ def test_report_keeps_the_results_shape_and_pairs_methods(tmp_path):
         assert r["lr_scale"] == 2.0 and r["lr_grid"] == [0.5, 1.0, 2.0]
     assert len(res["lr_sweep"]) == 2 * 2 * 3
     assert "| lora | full | **-10.00** |" in md  # lora is 0.1 below full on every pair
-    assert "0 / 5 / 0 | 5 |" in md
+    assert "0 / 5 / 0 | 5 (2) |" in md
 
 
 def test_merge_brings_in_another_calls_runs_from_a_folder_or_a_tarball(tmp_path):

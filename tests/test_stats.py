@@ -13,7 +13,7 @@ def test_point_estimate_weighs_each_task_the_same():
     # task a: 5 seeds, mean +1.0; task b: 1 seed, -3.0. Pooled pairs would give 1/3; tasks weigh the same: -1.
     p = paired_difference({"a": [1.0, 0.5, 1.5, 1.0, 1.0], "b": [-3.0]})
     assert p.mean == pytest.approx(-1.0)
-    assert (p.wins, p.losses, p.ties, p.pairs, p.tasks) == (5, 1, 0, 6, 2)
+    assert (p.wins, p.losses, p.ties, p.pairs, p.tasks, p.min_pairs) == (5, 1, 0, 6, 2, 1)
 
 
 def test_constant_differences_give_a_zero_width_interval():
