@@ -146,7 +146,7 @@ def cmd_search(args) -> int:
     from s3pet.pipeline import search
 
     m = search(args.model, args.task, args.space, args.budget, args.out, _search_cfg(args), resume=args.resume,
-               data_dir=args.data_dir)
+               data_dir=args.data_dir, overwrite=args.overwrite)
     s = m["structure"]
     kinds = ", ".join(f"{k} x{v['modules']}" for k, v in sorted(s["by_kind"].items()))
     print(f"structure: {s['n_params']:,} params in {s['modules']} modules ({kinds}); "
@@ -158,7 +158,7 @@ def cmd_retrain(args) -> int:
     from s3pet.pipeline import retrain
 
     _print_metrics(retrain(args.structure, args.task, args.out, _train_cfg(args), model=args.model,
-                           data_dir=args.data_dir))
+                           data_dir=args.data_dir, overwrite=args.overwrite))
     return 0
 
 
@@ -166,7 +166,7 @@ def cmd_baseline(args) -> int:
     from s3pet.pipeline import baseline
 
     _print_metrics(baseline(args.method, args.budget, args.task, args.out, _train_cfg(args), model=args.model,
-                            space=args.space, data_dir=args.data_dir))
+                            space=args.space, data_dir=args.data_dir, overwrite=args.overwrite))
     return 0
 
 
@@ -182,7 +182,7 @@ def cmd_run(args) -> int:
     from s3pet.pipeline import run_all
 
     run_all(args.model, args.task, args.space, args.budget, args.out, _search_cfg(args, epochs=args.search_epochs),
-            _train_cfg(args), compare=args.compare, data_dir=args.data_dir)
+            _train_cfg(args), compare=args.compare, data_dir=args.data_dir, overwrite=args.overwrite)
     return 0
 
 
@@ -225,7 +225,7 @@ def cmd_transfer(args) -> int:
         st = map_structure(st, load_backbone(args.model), args.mapping)
         print(f"mapped onto {args.model} ({args.mapping}, budget {st.provenance['transfer']['budget']}): {st.summary()}")
     m = train_structure(st, args.task, model, args.out, _train_cfg(args), data_dir=args.data_dir, stage="transfer",
-                        extra_config={"source_structure": str(args.structure)})
+                        extra_config={"source_structure": str(args.structure)}, overwrite=args.overwrite)
     _print_metrics(m)
     return 0
 
@@ -233,8 +233,16 @@ def cmd_transfer(args) -> int:
 def cmd_average(args) -> int:
     from s3pet.transfer import average_runs
 
+    from s3pet.errors import ConfigError
+
+    if os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out} is a folder; give the structure file to write, e.g. "
+                          f"{os.path.join(args.out, 'structure.json')}")
     st = average_runs(args.runs, args.budget)
-    st.save(args.out)
+    try:
+        st.save(args.out)
+    except OSError as e:
+        raise ConfigError(f"--out {args.out}: cannot write ({e.strerror})") from e
     print(f"{st.summary()} -> {args.out}")
     return 0
 
@@ -282,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--head-lr", type=float, default=None)
         q.add_argument("--grad-clip", type=float, default=None)
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
+        q.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
 
     def train_only(q):
         q.add_argument("--lr", type=float, default=None, help="learning rate of PET modules and head (default 1e-3)")

@@ -298,10 +298,14 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
     step, best, best_step, best_alpha, seconds = 0, None, 0, sn.alpha.detach().clone(), 0.0
     torch.manual_seed(cfg.seed)
     if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        root.load_state_dict(state["root"], strict=False)
-        bl.load_state_dict(state["bilevel"])
-        step, best, best_step, seconds = state["step"], state["best"], state["best_step"], state["seconds"]
+        try:  # a torn or foreign file must be one line, not a pickle traceback
+            state = torch.load(ckpt, map_location=device, weights_only=False)
+            root.load_state_dict(state["root"], strict=False)
+            bl.load_state_dict(state["bilevel"])
+            step, best, best_step, seconds = state["step"], state["best"], state["best_step"], state["seconds"]
+        except Exception as e:
+            raise ConfigError(f"--resume: {ckpt} is not a readable search checkpoint ({type(e).__name__}); "
+                              f"delete it to start the search afresh") from e
         best_alpha = state["best_alpha"].to(device)
         torch.set_rng_state(state["rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
@@ -410,7 +414,18 @@ def _truncate_history(path: Path, step: int) -> None:
         return
     import json
 
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    keep = []
+    for i, ln in enumerate(lines):
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # a kill tore the last line: drop it, the checkpoint is older anyway
+                log.warning("%s: dropping a torn last line", path)
+                break
+            raise ConfigError(f"--resume: {path} line {i + 1} is not JSON; remove the line or start afresh") from None
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(ln)
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 

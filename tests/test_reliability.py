@@ -96,3 +96,21 @@ def test_train_settings_must_be_finite_and_in_range(name, value):
 def test_search_settings_must_be_finite_and_in_range(kw):
     with pytest.raises(ConfigError):
         SearchConfig(**kw)
+
+
+def test_diverged_retrain_leaves_no_result(tmp_path, toy):
+    bb = load_backbone("tiny-bert")
+    baseline_structure("bitfit", bb, 500).save(tmp_path / "s.json")
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match="lower --lr"):
+        retrain(tmp_path / "s.json", toy, out, T.TrainConfig(lr=1e30, grad_clip=0.0, max_steps=5, batch_size=8,
+                                                            progress=False))
+    assert not out.exists()
+
+
+def test_diverged_search_stops_at_once_and_leaves_no_result(tmp_path, toy):
+    out = tmp_path / "run"
+    cfg = SearchConfig(alpha_lr=1e30, max_steps=20, batch_size=8, progress=False)
+    with pytest.raises(TrainingError, match=r"search diverged at step \d+: .*--alpha-lr"):
+        search("tiny-bert", toy, "s3pet-m", "800", out, cfg)
+    assert not out.exists()
