@@ -117,12 +117,14 @@ def load_tokenizer(name_or_path: str):
     path = minilm_path() if name_or_path in TINY_ALIASES else resolve(name_or_path)
     try:
         tok = tf.AutoTokenizer.from_pretrained(path)
-        ids = tok("a test sentence")["input_ids"]
+        ids = tok("the film was good", add_special_tokens=False)["input_ids"]
     except Exception as e:  # missing or broken tokenizer files fail in many ways, deep in the library
         raise ModelError(_load_hint(name_or_path, e) + "; does the folder hold its tokenizer files?") from e
-    if not ids:  # a tokenizer built from nothing encodes every text as no tokens
-        raise ModelError(f"the tokenizer of '{name_or_path}' encodes text as no tokens; does the folder hold its "
-                         f"tokenizer files?")
+    if not ids or all(i == tok.unk_token_id for i in ids):
+        # Without its files transformers builds a tokenizer of special tokens only: every text
+        # becomes unknown tokens (or none), and training would run on nothing.
+        raise ModelError(f"the tokenizer of '{name_or_path}' turns plain text into unknown tokens only; does the "
+                         f"folder hold its tokenizer files?")
     if tok.pad_token is None:  # decoder-only tokenizers often have none
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
