@@ -79,6 +79,8 @@ def check(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = Fal
     locked by a live process.
     """
     out = Path(out)
+    if not dist.is_main():  # rank 0 checks and owns the folder; the others would see its lock
+        return out
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory; choose another --out")
     parent = out

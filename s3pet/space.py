@@ -334,7 +334,7 @@ def load_space(name_or_path: str | dict) -> Space:
             raise ConfigError(f"{at}: must be an object")
         e = dict(e)
         kind = e.pop("kind", None)
-        if kind not in KINDS:
+        if not isinstance(kind, str) or kind not in KINDS:
             raise ConfigError(f"{at}.kind: unknown kind {kind!r}; known: {', '.join(sorted(KINDS))}")
         roles = e.pop("roles", None)
         if isinstance(roles, str):
