@@ -57,6 +57,17 @@ def holder(out: Path) -> int | None:
         os.close(fd)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a stale lock or staging folder has none)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
 def _read_pid(fd: int) -> int | None:
     try:
         return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
@@ -122,6 +133,8 @@ class RunDir:
         self._created = missing[-1] if missing else None
         try:
             self._lock()
+            for tmp in self.path.glob(".*.tmp"):  # half-written files of a killed run (we hold the lock)
+                tmp.unlink(missing_ok=True)
             if not self.resume:
                 for name in RUN_FILES:  # an older, unfinished (or overwritten) run's files
                     (self.path / name).unlink(missing_ok=True)
