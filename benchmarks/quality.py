@@ -93,10 +93,11 @@ def run_job(job: dict, args_dict: dict) -> dict:
                                 alpha_lr=args.alpha_lr, head_lr=args.head_lr, seed=job["seed"],
                                 max_train_samples=args.max_train_samples, max_length=args.max_length,
                                 progress=False)
+            # A job without result.json is redone from scratch: replace what a killed attempt finished.
             sm = search(args.model, job["task"], job["method"], job["budget"], d / "search", scfg,
-                        data_dir=args.data_dir)
+                        data_dir=args.data_dir, overwrite=True)
             m = retrain(d / "search" / "structure.json", job["task"], d / "retrain", tcfg, model=args.model,
-                        data_dir=args.data_dir)
+                        data_dir=args.data_dir, overwrite=True)
             rec["search_cost"] = sm["cost"]
         elif job["method"] == "optuna":
             from s3pet.optuna_search import optuna_search
@@ -104,12 +105,13 @@ def run_job(job: dict, args_dict: dict) -> dict:
             om = optuna_search(args.model, job["task"], "s3pet-m", job["budget"], d / "optuna", args.optuna_trials,
                                cfg=tcfg, data_dir=args.data_dir, seed=job["seed"], pruner="none")
             best = Path(d / "optuna" / "best_structure.json")
-            m = retrain(best, job["task"], d / "retrain", tcfg, model=args.model, data_dir=args.data_dir)
+            m = retrain(best, job["task"], d / "retrain", tcfg, model=args.model, data_dir=args.data_dir,
+                        overwrite=True)
             rec["search_cost"] = om.get("cost", {})
         else:
             budget = None if job["method"] == "full" else job["budget"]
             m = baseline(job["method"], budget, job["task"], d / "train", tcfg, model=args.model,
-                         data_dir=args.data_dir)
+                         data_dir=args.data_dir, overwrite=True)
         rec.update(status="ok", main_metric=m["main_metric"], validation=m["validation"]["main"],
                    test=m["test"]["main"], test_all=m["test"], params=m["params"], retrain_cost=m["cost"])
     except Exception as e:  # record and go on: one failed run must not stop the grid

@@ -132,3 +132,23 @@ def test_an_export_after_a_killed_one_cleans_its_staging(task, tmp_path):
     hidden = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".export."))
     assert hidden == [live.name]
     assert (out / "s3pet_export.json").is_file()
+
+
+def test_a_second_process_on_the_same_out_is_refused_with_the_holders_pid(task, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [*SEARCH, "--task", task, "--out", str(out)]
+    proc = _start([*argv[:argv.index("--max-steps") + 1], "4000", *argv[argv.index("--max-steps") + 2:]])
+    try:
+        t0 = time.monotonic()
+        while not (out / "history.jsonl").exists():  # the lock is taken before the first line
+            assert proc.poll() is None and time.monotonic() - t0 < 120
+            time.sleep(0.01)
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"pid {proc.pid}" in err
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    assert (out / "history.jsonl").exists()  # the refused process touched nothing of the holder's

@@ -114,3 +114,10 @@ def test_diverged_search_stops_at_once_and_leaves_no_result(tmp_path, toy):
     with pytest.raises(TrainingError, match=r"search diverged at step \d+: .*--alpha-lr"):
         search("tiny-bert", toy, "s3pet-m", "800", out, cfg)
     assert not out.exists()
+
+
+def test_a_budget_beyond_the_whole_space_is_warned_about(tmp_path, toy, caplog):
+    cfg = SearchConfig(max_steps=2, batch_size=8, progress=False)
+    with caplog.at_level("WARNING", logger="s3pet.pipeline"):
+        search("tiny-bert", toy, "s3pet-m", "1M", tmp_path / "run", cfg)
+    assert "the whole space" in caplog.text
