@@ -290,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--head-lr", type=float, default=None)
         q.add_argument("--grad-clip", type=float, default=None)
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
-        q.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+
+    def overwrite(q):
+        q.add_argument("--overwrite", action="store_true", help="replace a finished run in --out (refused without)")
 
     def train_only(q):
         q.add_argument("--lr", type=float, default=None, help="learning rate of PET modules and head (default 1e-3)")
@@ -327,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--budget", required=True, help="parameters (25000, 25k) or share of the backbone (0.01%%)")
     sp.add_argument("--out", required=True)
     sp.add_argument("--resume", action="store_true", help="continue a killed search from its checkpoint")
+    overwrite(sp)
     sp.set_defaults(func=cmd_search)
 
     sp = sub.add_parser("retrain", help="train a structure from scratch and evaluate it")
@@ -335,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--structure", required=True)
     sp.add_argument("--task", required=True)
     sp.add_argument("--out", required=True)
+    overwrite(sp)
     sp.set_defaults(func=cmd_retrain)
 
     sp = sub.add_parser("baseline", help="train a hand-designed PET method sized to the budget")
@@ -346,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--space", default="s3pet-m", help="space of the random method")
     sp.add_argument("--task", required=True)
     sp.add_argument("--out", required=True)
+    overwrite(sp)
     sp.set_defaults(func=cmd_baseline)
 
     sp = sub.add_parser("evaluate", help="re-evaluate the saved weights of a run")
@@ -368,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                     head_lr=1e-2, w_lr=3e-3)
     sp.add_argument("--compare", action="store_true", help="also train a random structure and BitFit of the same budget")
     sp.add_argument("--out", required=True)
+    overwrite(sp)
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("optuna", help="discrete structure search: Optuna samples structures, each is retrained")
@@ -405,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mapping", choices=["depth", "stretch"], default="depth",
                     help="another model: depth keeps the module count, stretch fills every layer")
     sp.add_argument("--out", required=True)
+    overwrite(sp)
     sp.set_defaults(func=cmd_transfer)
 
     sp = sub.add_parser("average", help="average gate scores of several searches and re-derive")

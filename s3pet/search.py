@@ -382,16 +382,16 @@ _MAX_LOGIT = 1e4
 
 def _check_finite(sums: dict, sn: Supernet, cfg: SearchConfig, step: int) -> None:
     """Raise TrainingError naming the step and the setting to change when the search diverged."""
-    what = None
+    xi = " or --xi" if cfg.order == "second" else ""  # the virtual step moves the weights too
     if not all_finite(sums.values()):
-        what, fix = "the loss", f"lower --w-lr (now {cfg.w_lr:g}) or --alpha-lr (now {cfg.alpha_lr:g})"
+        what = f"a loss is not finite; lower --w-lr (now {cfg.w_lr:g}) or --alpha-lr (now {cfg.alpha_lr:g}){xi}"
     elif not all_finite([sn.alpha, sn.shift]) or sn.alpha.detach().abs().max() > _MAX_LOGIT:
-        what, fix = "the gate logits", f"lower --alpha-lr (now {cfg.alpha_lr:g})"
+        what = f"the gate logits exploded; lower --alpha-lr (now {cfg.alpha_lr:g})"
     elif not all_finite(sn.delta_parameters()):
-        what, fix = "a PET weight", f"lower --w-lr (now {cfg.w_lr:g})"
-    if what:
-        raise TrainingError(f"search diverged at step {step}: {what} {'exploded' if 'logits' in what else 'is not finite'}"
-                            f"; {fix}" + (" or --xi" if cfg.order == "second" and "logits" not in what else ""))
+        what = f"a PET weight is not finite; lower --w-lr (now {cfg.w_lr:g}){xi}"
+    else:
+        return
+    raise TrainingError(f"search diverged at step {step}: {what}")
 
 
 def _save_checkpoint(path: Path, root, bl: BiLevel, step, best, best_step, best_alpha, seconds, device) -> None:
