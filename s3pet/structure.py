@@ -30,6 +30,7 @@ from s3pet.models import count_params, model_name
 from s3pet.space import ROLES, ModuleSpec, discover_sites, stack_depths
 
 SCHEMA = "s3pet.structure/v1"
+MAX_LAYERS = 10_000  # far deeper than any model; a plot draws a row per layer
 _MODULE_FIELDS = ("site", "stack", "layer", "role", "kind", "rank", "n_params")
 
 
@@ -111,11 +112,11 @@ def _check_base_model(bm: Any, where: str) -> None:
     _need(isinstance(bm, dict), at, "must be an object", bm)
     for key, ok, what in (("name_or_path", lambda v: isinstance(v, str), "a string"),
                           ("model_type", lambda v: isinstance(v, str), "a string"),
-                          ("layers", lambda v: _is_int(v) and v >= 1, "a positive integer"),
+                          ("layers", lambda v: _is_int(v) and 1 <= v <= MAX_LAYERS, f"an integer in [1, {MAX_LAYERS}]"),
                           ("n_params", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
                           ("stacks", lambda v: isinstance(v, dict) and v and all(
-                              isinstance(k, str) and k and _is_int(n) and n >= 1 for k, n in v.items()),
-                           "an object of stack name -> positive layer count")):
+                              isinstance(k, str) and k and _is_int(n) and 1 <= n <= MAX_LAYERS for k, n in v.items()),
+                           f"an object of stack name -> layer count in [1, {MAX_LAYERS}]")):
         if key not in bm:
             raise StructureError(f"{at}: missing field '{key}'")
         _need(ok(bm[key]), f"{at}.{key}", f"must be {what}", bm[key])

@@ -402,3 +402,16 @@ def test_resume_drops_a_torn_last_history_line(env, killed_search, tmp_path):
     for line in (out / "history.jsonl").read_text().splitlines():
         json.loads(line)
     assert (out / "metrics.json").is_file()
+
+
+def test_the_main_job_refuses_a_finished_run_and_overwrites_on_request(env, tmp_path, capsys):
+    out = tmp_path / "job"
+    argv = _argv(_with(RUN, "--max-train-samples", "0"), env, str(out))
+    assert main(argv) == 0
+    before = _snapshot(out)
+    rc, err = run_cli(argv, capsys)
+    assert_one_line_error(rc, err, "--overwrite")
+    assert _snapshot(out) == before
+    assert main([*argv, "--overwrite", "--seed", "1"]) == 0  # passed on to search/ and retrain/
+    assert json.loads((out / "retrain" / "config.json").read_text())["train"]["seed"] == 1
+    assert (out / "summary.json").is_file() and not (out / ".s3pet.lock").exists()
