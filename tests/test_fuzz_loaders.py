@@ -116,7 +116,7 @@ def assert_valid_structure(d: dict) -> None:
     assert frac is None or (isinstance(frac, (int, float)) and not isinstance(frac, bool) and math.isfinite(frac))
 
 
-@FUZZ
+@settings(FUZZ, max_examples=300)
 @given(data=st.data())
 def test_structure_loader_accepts_only_valid_files(structure_doc, data):
     doc = data.draw(mutated(structure_doc))
