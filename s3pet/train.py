@@ -269,61 +269,62 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
     setting = "--full-lr" if full else "--lr"
 
     def diverged(what: str, at: int):
-        return TrainingError(f"training diverged at step {at}: {what} is not finite; lower {setting} "
-                             f"(now {lr:g}) or set --grad-clip")
-
-    try:
-        done = False
-        while not done:
-            micro = 0
-            epoch_batches = D.batches(task.train, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed,
-                                      epoch=epoch, shard=shard)
-            for batch in itertools.islice(epoch_batches, per_epoch * cfg.grad_accum):
-                running += compiled.run(micro_step, D.to_device(batch, device))
-                micro += 1
-                if micro % cfg.grad_accum:
-                    continue
-                if (step + 1) % check_every == 0 and not torch.isfinite(running):
-                    raise diverged("the loss", step + 1)
-                dist.average_gradients(trainable)
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                bar.update(1)
-                if step % cfg.log_every == 0:
-                    val = running.item() / cfg.log_every  # one sync per log interval, not per step
-                    if not math.isfinite(val):
-                        raise diverged("the loss", step)
-                    running.zero_()
-                    bar.set_postfix(loss=f"{val:.4f}")
-                    if hist_path:
-                        append_jsonl(hist_path, {"step": step, "epoch": epoch, "loss": val, "lr": sched.get_last_lr()[0]})
-                if step % eval_every == 0 or step == total:
-                    if not all_finite(trainable):
-                        raise diverged("a trained weight", step)
-                    m = evaluate(model, task.validation, task.card, task.pad_id, cfg.eval_batch_size, device, cfg.precision)
-                    if hist_path:
-                        append_jsonl(hist_path, {"step": step, "epoch": epoch, "eval": m})
-                    if best is None or m["main"] > best["main"]:
-                        best, best_step, bad = m, step, 0
-                        best_state = [p.detach().clone() for p in trainable]
-                    else:
-                        bad += 1
-                    if on_eval is not None:
-                        on_eval(step, m)
-                    if cfg.patience and bad >= cfg.patience:
-                        log.info("early stop at step %d (no improvement in %d validations)", step, bad)
-                        done = True
-                if step >= total or done:
-                    done = True
-                    break
-            epoch += 1
-    finally:
         bar.close()
-        compiled.close()
+        compiled.close()  # the next model of the process compiles afresh
+        clip = "" if cfg.grad_clip else " or set --grad-clip (now off)"
+        return TrainingError(f"training diverged at step {at}: {what} is not finite; lower {setting} "
+                             f"(now {lr:g}){clip}")
+
+    done = False
+    while not done:
+        micro = 0
+        epoch_batches = D.batches(task.train, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed,
+                                  epoch=epoch, shard=shard)
+        for batch in itertools.islice(epoch_batches, per_epoch * cfg.grad_accum):
+            running += compiled.run(micro_step, D.to_device(batch, device))
+            micro += 1
+            if micro % cfg.grad_accum:
+                continue
+            if (step + 1) % check_every == 0 and not torch.isfinite(running):
+                raise diverged("the loss", step + 1)
+            dist.average_gradients(trainable)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                val = running.item() / cfg.log_every  # one sync per log interval, not per step
+                if not math.isfinite(val):
+                    raise diverged("the loss", step)
+                running.zero_()
+                bar.set_postfix(loss=f"{val:.4f}")
+                if hist_path:
+                    append_jsonl(hist_path, {"step": step, "epoch": epoch, "loss": val, "lr": sched.get_last_lr()[0]})
+            if step % eval_every == 0 or step == total:
+                if not all_finite(trainable):
+                    raise diverged("a trained weight", step)
+                m = evaluate(model, task.validation, task.card, task.pad_id, cfg.eval_batch_size, device, cfg.precision)
+                if hist_path:
+                    append_jsonl(hist_path, {"step": step, "epoch": epoch, "eval": m})
+                if best is None or m["main"] > best["main"]:
+                    best, best_step, bad = m, step, 0
+                    best_state = [p.detach().clone() for p in trainable]
+                else:
+                    bad += 1
+                if on_eval is not None:
+                    on_eval(step, m)
+                if cfg.patience and bad >= cfg.patience:
+                    log.info("early stop at step %d (no improvement in %d validations)", step, bad)
+                    done = True
+            if step >= total or done:
+                done = True
+                break
+        epoch += 1
+    bar.close()
+    compiled.close()
     if best_state is not None:
         with torch.no_grad():
             for p, s in zip(trainable, best_state):
