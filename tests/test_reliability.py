@@ -121,3 +121,45 @@ def test_a_budget_beyond_the_whole_space_is_warned_about(tmp_path, toy, caplog):
     with caplog.at_level("WARNING", logger="s3pet.pipeline"):
         search("tiny-bert", toy, "s3pet-m", "1M", tmp_path / "run", cfg)
     assert "the whole space" in caplog.text
+
+
+def test_an_unwritable_out_is_refused_before_anything_is_made(tmp_path, monkeypatch):
+    from s3pet import rundir
+
+    monkeypatch.setattr(rundir.os, "access", lambda path, mode: False)  # as for a read-only parent
+    with pytest.raises(ConfigError, match="not writable"):
+        rundir.check(tmp_path / "a" / "b")
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_failed_run_removes_exactly_what_it_made(tmp_path):
+    from s3pet import rundir
+
+    made = tmp_path / "new" / "run"
+    with pytest.raises(TrainingError):
+        with rundir.RunDir(made):
+            (made / "config.json").write_text("{}")
+            raise TrainingError("diverged")
+    assert not (tmp_path / "new").exists()  # every folder it created, and nothing else
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    (kept / "history.jsonl").write_text("{}\n")  # an older, unfinished run's
+    with pytest.raises(TrainingError):
+        with rundir.RunDir(kept):
+            assert not (kept / "history.jsonl").exists()  # cleared at the start of a new run
+            (kept / "metrics.json").write_text("{}")
+            raise TrainingError("diverged")
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+
+
+def test_a_resumed_run_keeps_its_files_on_error(tmp_path):
+    from s3pet import rundir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "search.pt").write_bytes(b"checkpoint")
+    with pytest.raises(ConfigError):
+        with rundir.RunDir(out, resume=True):
+            raise ConfigError("corrupt checkpoint")
+    assert (out / "search.pt").read_bytes() == b"checkpoint" and not (out / ".s3pet.lock").exists()
