@@ -268,21 +268,32 @@ def evaluate_run(run_dir: str | Path, task: str | None = None, data_dir: str | N
     if not all((run / f).is_file() for f in ("config.json", "delta.safetensors", "metrics.json")):
         raise ConfigError(f"{run} is not a finished retrain/baseline run (needs config.json, delta.safetensors "
                           f"and metrics.json)")
-    config = read_json(run / "config.json")
-    cfg = TrainConfig.from_dict(config.get("train", {}))
+    try:
+        config = read_json(run / "config.json")
+        cfg = TrainConfig.from_dict(config.get("train", {}))
+    except (OSError, ValueError, AttributeError, TypeError) as e:  # ConfigError passes: it is a one-liner
+        raise ConfigError(f"{run / 'config.json'} is not a run config ({type(e).__name__}: {e})") from e
     task = task or config["task"]
     model = config["model"]
     backbone = load_backbone(model, seed=cfg.seed)
     td, tok, enc = prepare_task(task, model, cfg.max_length, cfg.seed, 0, cfg.max_eval_samples,
                                 data_dir or config.get("data_dir"))
     tm = TaskModel(backbone, td.card, tok)
-    weights = load_file(str(run / "delta.safetensors"))
+    try:
+        weights = load_file(str(run / "delta.safetensors"))
+    except Exception as e:  # safetensors raises its own error type for a torn file
+        raise ConfigError(f"{run / 'delta.safetensors'} cannot be read ({str(e).splitlines()[0]})") from e
     deltaset = None
-    if "structure" in config:
-        deltaset = S.apply(S.from_dict(config["structure"], str(run / "config.json")), backbone)
-        deltaset.load_state_dict({k[len("deltas."):]: v for k, v in weights.items() if k.startswith("deltas.")})
-    else:
-        backbone.load_state_dict({k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")})
+    try:
+        if "structure" in config:
+            deltaset = S.apply(S.from_dict(config["structure"], str(run / "config.json")), backbone)
+            deltaset.load_state_dict({k[len("deltas."):]: v for k, v in weights.items() if k.startswith("deltas.")})
+        else:
+            backbone.load_state_dict({k[len("backbone."):]: v for k, v in weights.items()
+                                      if k.startswith("backbone.")})
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+        raise ConfigError(f"{run / 'delta.safetensors'} does not fit the run's structure: "
+                          f"{str(e).splitlines()[0]}") from e
     head = {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")}
     try:
         tm.head.load_state_dict(head)

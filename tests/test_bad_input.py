@@ -135,6 +135,20 @@ def env(tmp_path_factory):
     shutil.copytree(model_dir, f["model_bad_config"])
     _write(root / "model_bad_config" / "config.json", "{not json")
     f["a_file"] = _write(root / "plain.txt", "x")
+    f["run"] = str(root / "run")  # a finished baseline run, and broken copies
+    assert main(["baseline", "--method", "lora", "--budget", "600", "--model", "tiny-bert", "--task", f["task"],
+                 "--out", f["run"], *QUICK]) == 0
+    for name, fname, data in (("run_torn_delta", "delta.safetensors", b"xx"),
+                              ("run_bad_config", "config.json", "{oops"),
+                              ("run_foreign_delta", "delta.safetensors", None)):
+        shutil.copytree(f["run"], root / name)
+        f[name] = str(root / name)
+        if data is not None:
+            _write(root / name / fname, data)
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"deltas.x": torch.zeros(3)}, str(root / "run_foreign_delta" / "delta.safetensors"))
     f["finished"] = str(root / "finished")
     return f
 
@@ -265,7 +279,29 @@ OUTS = [
     ("evaluate-unfinished", ["evaluate", "--run", "{root}"], "not a finished"),
 ]
 
-CASES = SETTINGS + BUDGETS + MODELS + SPACES + STRUCTURES + TASKS + OUTS
+RUNS = [
+    ("evaluate-torn-delta", ["evaluate", "--run", "{run_torn_delta}"], "delta.safetensors"),
+    ("evaluate-bad-config", ["evaluate", "--run", "{run_bad_config}"], "config.json"),
+    ("evaluate-foreign-delta", ["evaluate", "--run", "{run_foreign_delta}"], "does not fit"),
+    ("evaluate-unknown-task", ["evaluate", "--run", "{run}", "--task", "no-such"], "no-such"),
+    ("export-torn-weights", ["export", "--structure", "{run}/structure.json", "--weights",
+                             "{run_torn_delta}/delta.safetensors", "--out", "{out}"], "cannot read weights"),
+    ("export-missing-weights", ["export", "--structure", "{run}/structure.json", "--weights", "/nonexistent.st",
+                                "--out", "{out}"], "not found"),
+    ("export-onto-a-run", ["export", "--structure", "{run}/structure.json", "--out", "{run_bad_config}"],
+     "not an s3pet export"),
+    ("transfer-unknown-task", ["transfer", "--structure", "{run}/structure.json", "--task", "nope", "--out", "{out}",
+                               *QUICK], "nope"),
+    ("transfer-other-family", ["transfer", "--structure", "{run}/structure.json", "--task", "{task}", "--model",
+                               "tiny-gpt2", "--out", "{out}", *QUICK], "no encoder stack"),
+    ("retrain-other-family", _with(RETRAIN, "--model", "tiny-gpt2"), "another model"),
+    ("plot-missing-input", ["plot", "/nonexistent.json", "--out", "{out}"], "no such file"),
+    ("plot-unknown-format", ["plot", "{run}", "--format", "gif", "--out", "{out}"], "gif"),
+    ("average-not-a-search", ["average", "{run}", "--budget", "500", "--out", "{out}/s.json"], "alphas.csv"),
+    ("space-command-missing-model", ["space", "/nonexistent/model"], "cannot load model"),
+]
+
+CASES = SETTINGS + BUDGETS + MODELS + SPACES + STRUCTURES + TASKS + OUTS + RUNS
 
 
 @pytest.mark.parametrize("argv", [c[1] for c in CASES], ids=[c[0] for c in CASES])
