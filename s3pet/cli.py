@@ -231,9 +231,8 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_average(args) -> int:
-    from s3pet.transfer import average_runs
-
     from s3pet.errors import ConfigError
+    from s3pet.transfer import average_runs
 
     if os.path.isdir(args.out):
         raise ConfigError(f"--out {args.out} is a folder; give the structure file to write, e.g. "
