@@ -176,7 +176,9 @@ def run_job(job: dict, args_dict: dict) -> list[dict]:
                                 alpha_lr=args.alpha_lr, seed=seed, max_train_samples=args.max_train_samples,
                                 max_length=max_len, progress=False, compile="off", pooling=args.pooling)
             if not (base / "search" / "structure.json").is_file():
-                sm = search(args.model, task, method, budget, base / "search", scfg, data_dir=args.data_dir)
+                # A search without structure.json is redone from scratch: replace what a killed attempt left.
+                sm = search(args.model, task, method, budget, base / "search", scfg, data_dir=args.data_dir,
+                            overwrite=True)
             else:
                 sm = json.loads((base / "search" / "metrics.json").read_text())
             structure, search_cost = base / "search" / "structure.json", sm["cost"]
@@ -201,11 +203,12 @@ def run_job(job: dict, args_dict: dict) -> list[dict]:
                 raise err
             tcfg = train_config(args, task, seed, scale)
             if structure is not None:
-                m = retrain(structure, task, d / "train", tcfg, model=args.model, data_dir=args.data_dir)
+                m = retrain(structure, task, d / "train", tcfg, model=args.model, data_dir=args.data_dir,
+                            overwrite=True)
                 rec["search_cost"] = search_cost
             else:
                 m = baseline(method, None if budget == "-" else budget, task, d / "train", tcfg, model=args.model,
-                             data_dir=args.data_dir)
+                             data_dir=args.data_dir, overwrite=True)
             rates = m.get("learning_rates", {})
             rec.update(status="ok", main_metric=m["main_metric"], validation=m["validation"]["main"],
                        test=m["test"]["main"], test_all=m["test"], params=m["params"], retrain_cost=m["cost"],

@@ -152,7 +152,7 @@ def cmd_search(args) -> int:
     from s3pet.pipeline import search
 
     m = search(args.model, args.task, args.space, args.budget, args.out, _search_cfg(args), resume=args.resume,
-               data_dir=args.data_dir)
+               data_dir=args.data_dir, overwrite=args.overwrite)
     s = m["structure"]
     kinds = ", ".join(f"{k} x{v['modules']}" for k, v in sorted(s["by_kind"].items()))
     print(f"structure: {s['n_params']:,} params in {s['modules']} modules ({kinds}); "
@@ -164,7 +164,7 @@ def cmd_retrain(args) -> int:
     from s3pet.pipeline import retrain
 
     _print_metrics(retrain(args.structure, args.task, args.out, _train_cfg(args), model=args.model,
-                           data_dir=args.data_dir))
+                           data_dir=args.data_dir, overwrite=args.overwrite))
     return 0
 
 
@@ -172,7 +172,7 @@ def cmd_baseline(args) -> int:
     from s3pet.pipeline import baseline
 
     _print_metrics(baseline(args.method, args.budget, args.task, args.out, _train_cfg(args), model=args.model,
-                            space=args.space, data_dir=args.data_dir))
+                            space=args.space, data_dir=args.data_dir, overwrite=args.overwrite))
     return 0
 
 
@@ -188,7 +188,7 @@ def cmd_run(args) -> int:
     from s3pet.pipeline import run_all
 
     run_all(args.model, args.task, args.space, args.budget, args.out, _search_cfg(args, epochs=args.search_epochs),
-            _train_cfg(args), compare=args.compare, data_dir=args.data_dir)
+            _train_cfg(args), compare=args.compare, data_dir=args.data_dir, overwrite=args.overwrite)
     return 0
 
 
@@ -231,16 +231,23 @@ def cmd_transfer(args) -> int:
         st = map_structure(st, load_backbone(args.model), args.mapping)
         print(f"mapped onto {args.model} ({args.mapping}, budget {st.provenance['transfer']['budget']}): {st.summary()}")
     m = train_structure(st, args.task, model, args.out, _train_cfg(args), data_dir=args.data_dir, stage="transfer",
-                        extra_config={"source_structure": str(args.structure)})
+                        extra_config={"source_structure": str(args.structure)}, overwrite=args.overwrite)
     _print_metrics(m)
     return 0
 
 
 def cmd_average(args) -> int:
+    from s3pet.errors import ConfigError
     from s3pet.transfer import average_runs
 
+    if os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out} is a folder; give the structure file to write, e.g. "
+                          f"{os.path.join(args.out, 'structure.json')}")
     st = average_runs(args.runs, args.budget)
-    st.save(args.out)
+    try:
+        st.save(args.out)
+    except OSError as e:
+        raise ConfigError(f"--out {args.out}: cannot write ({e.strerror})") from e
     print(f"{st.summary()} -> {args.out}")
     return 0
 
@@ -293,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--grad-clip", type=float, default=None)
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    def overwrite(q):
+        q.add_argument("--overwrite", action="store_true", help="replace a finished run in --out (refused without)")
+
     def train_only(q):
         q.add_argument("--lr", type=float, default=None,
                        help="learning rate of every PET module (default: each kind's own, LoRA 5e-4, others 1e-3)")
@@ -330,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--budget", required=True, help="parameters (25000, 25k) or share of the backbone (0.01%%)")
     sp.add_argument("--out", required=True)
     sp.add_argument("--resume", action="store_true", help="continue a killed search from its checkpoint")
+    overwrite(sp)
     sp.set_defaults(func=cmd_search)
 
     sp = sub.add_parser("retrain", help="train a structure from scratch and evaluate it")
@@ -338,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--structure", required=True)
     sp.add_argument("--task", required=True)
     sp.add_argument("--out", required=True)
+    overwrite(sp)
     sp.set_defaults(func=cmd_retrain)
 
     sp = sub.add_parser("baseline", help="train a hand-designed PET method sized to the budget")
@@ -351,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--space", default="s3pet-m", help="space of the random method")
     sp.add_argument("--task", required=True)
     sp.add_argument("--out", required=True)
+    overwrite(sp)
     sp.set_defaults(func=cmd_baseline)
 
     sp = sub.add_parser("evaluate", help="re-evaluate the saved weights of a run")
@@ -373,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                     head_lr=1e-2, w_lr=3e-3)
     sp.add_argument("--compare", action="store_true", help="also train a random structure and BitFit of the same budget")
     sp.add_argument("--out", required=True)
+    overwrite(sp)
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("optuna", help="discrete structure search: Optuna samples structures, each is retrained")
@@ -410,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mapping", choices=["depth", "stretch"], default="depth",
                     help="another model: depth keeps the module count, stretch fills every layer")
     sp.add_argument("--out", required=True)
+    overwrite(sp)
     sp.set_defaults(func=cmd_transfer)
 
     sp = sub.add_parser("average", help="average gate scores of several searches and re-derive")

@@ -23,3 +23,7 @@ class StructureError(S3petError):
 
 class TaskError(S3petError):
     """A task is unknown, or its data cannot be found or parsed."""
+
+
+class TrainingError(S3petError):
+    """Training diverged: a non-finite loss, weight or gate (the message names the step and the fix)."""

@@ -705,9 +705,12 @@ def _staging(out: str | Path):
     An existing ``out`` is replaced only if it is empty or an earlier s3pet export, so a
     mistyped path never wipes a run directory. On error nothing is left behind.
     """
+    out = Path(out)
+    _recover_killed(out)
     out = _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    # The pid in the name tells a later export whether this folder's writer is still alive.
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp"))
     try:
         yield tmp
         _usual_modes(tmp)
@@ -726,6 +729,28 @@ def _staging(out: str | Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _recover_killed(out: Path) -> None:
+    """Undo what a killed export left beside ``out``: its staging folder is removed, and an
+    earlier export it had moved aside (killed between the two renames) is put back."""
+    from s3pet.rundir import pid_alive
+
+    if not out.parent.is_dir():
+        return
+    prefix = f".{out.name}."
+    for p in sorted(out.parent.iterdir()):
+        if not (p.name.startswith(prefix) and (p.name.endswith(".tmp") or p.name.endswith(".tmp.old"))):
+            continue
+        pid = p.name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or pid_alive(int(pid)):
+            continue  # another export's, still running (or not ours at all)
+        if p.name.endswith(".old") and not out.exists():
+            os.replace(p, out)
+            log.warning("restored %s, which a killed export had moved aside", out)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            log.info("removed %s, left by a killed export", p)
 
 
 def _usual_modes(folder: Path) -> None:

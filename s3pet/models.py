@@ -79,7 +79,7 @@ def load_config(name_or_path: str):
     path = resolve(name_or_path)
     try:
         return tf.AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # a broken config.json fails in json, transformers or the model's config class
         raise ModelError(_load_hint(name_or_path, e)) from e
 
 
@@ -104,7 +104,7 @@ def load_backbone(name_or_path: str, seed: int = 0, dtype: torch.dtype = torch.f
         path = resolve(name_or_path)
         try:
             model = auto.from_pretrained(path, dtype=dtype)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # a user's folder can fail in any library (a truncated safetensors file)
             raise ModelError(_load_hint(name_or_path, e)) from e
     model.config._s3pet_name = name_or_path
     return model
@@ -117,8 +117,14 @@ def load_tokenizer(name_or_path: str):
     path = minilm_path() if name_or_path in TINY_ALIASES else resolve(name_or_path)
     try:
         tok = tf.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelError(_load_hint(name_or_path, e)) from e
+        ids = tok("the film was good", add_special_tokens=False)["input_ids"]
+    except Exception as e:  # missing or broken tokenizer files fail in many ways, deep in the library
+        raise ModelError(_load_hint(name_or_path, e) + "; does the folder hold its tokenizer files?") from e
+    if not ids or all(i == tok.unk_token_id for i in ids):
+        # Without its files transformers builds a tokenizer of special tokens only: every text
+        # becomes unknown tokens (or none), and training would run on nothing.
+        raise ModelError(f"the tokenizer of '{name_or_path}' turns plain text into unknown tokens only; does the "
+                         f"folder hold its tokenizer files?")
     if tok.pad_token is None:  # decoder-only tokenizers often have none
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok

@@ -392,7 +392,8 @@ def _search(model, task, space, budget, out, trials, storage, study_name, object
             granularity, layer_groups) -> dict:
     import optuna
 
-    from s3pet.pipeline import _check_out, _machine, space_on_model, train_structure, versions
+    from s3pet.pipeline import _machine, space_on_model, train_structure, versions
+    from s3pet import rundir
     from s3pet.tasks import get_card
 
     cfg = cfg or TrainConfig()
@@ -411,7 +412,10 @@ def _search(model, task, space, budget, out, trials, storage, study_name, object
     if b >= total_space:
         log.warning("budget %d >= the whole space (%d params): no request is ever over budget", b, total_space)
     study_name = study_name or _slug(f"s3pet-{model}-{card.name}-{space_obj.name}-{b}-{objective}")
-    out = _check_out(out or Path("outputs") / "optuna" / _slug(study_name))
+    # Workers of a shared study write into one folder (each its own trials/N), so it is neither
+    # locked nor refused when finished: the study continues.
+    out = rundir.check(out or Path("outputs") / "optuna" / _slug(study_name), resume=True)
+    out.mkdir(parents=True, exist_ok=True)
     train = {k: v for k, v in asdict(cfg).items() if k not in _LOCAL_TRAIN_FIELDS}
     settings = {"model": model, "task": card.name, "space": space_obj.name, "budget": b, "objective": objective,
                 "granularity": gran, "layer_groups": layer_groups if gran == "group" else None, "seed": seed,

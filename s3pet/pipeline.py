@@ -18,6 +18,7 @@ import torch
 
 import s3pet
 from s3pet import budget as B
+from s3pet import rundir
 from s3pet import structure as S
 from s3pet.errors import ConfigError, StructureError
 from s3pet.heads import TaskModel
@@ -64,14 +65,21 @@ def prepare_task(task: str, model: str, max_length: int, seed: int, max_train: i
     return td, tok, encode_task(td, tok, max_length)
 
 
-def _check_out(out: str | Path, resume: bool = False) -> Path:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
-    if not resume and out.is_dir() and (out / "metrics.json").exists():
-        log.info("overwriting the finished run in %s", out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def max_positions(backbone: torch.nn.Module) -> int | None:
+    """Tokens the backbone's position embeddings can take, or None (relative positions: T5)."""
+    c = backbone.config
+    n = getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
+    if n and "roberta" in getattr(c, "model_type", ""):
+        n -= (c.pad_token_id if c.pad_token_id is not None else 1) + 1  # positions start after the pad id
+    return n
+
+
+def check_max_length(backbone: torch.nn.Module, max_length: int) -> None:
+    """ConfigError when ``--max-length`` is beyond the model's position embeddings."""
+    n = max_positions(backbone)
+    if n is not None and max_length > n:
+        raise ConfigError(f"max_length (--max-length) is {max_length} but the model has {n} positions; "
+                          f"use --max-length {n} or less")
 
 
 # --------------------------------------------------------------------------- search
@@ -97,24 +105,26 @@ def space_on_model(model: str, space: str, budget: str | int, seed: int = 0) -> 
 
 
 def search(model: str, task: str, space: str, budget: str | int, out: str | Path, cfg: SearchConfig | None = None,
-           resume: bool = False, data_dir: str | None = None) -> dict:
+           resume: bool = False, data_dir: str | None = None, overwrite: bool = False) -> dict:
     """Search a structure under ``budget``; writes config.json, history.jsonl, alphas.csv,
-    structure.json, search.pt and metrics.json into ``out``. Returns the metrics dict."""
+    structure.json, search.pt and metrics.json into ``out``. Returns the metrics dict.
+
+    ``resume`` continues from ``out/search.pt`` (the settings must be those of the first
+    start); ``overwrite`` replaces a finished run in ``out``. Raises S3petError subclasses
+    for bad input before anything is written (see ``s3pet.rundir``)."""
     cfg = cfg or SearchConfig()
-    out = _check_out(out, resume)
+    out = rundir.check(out, resume=resume, overwrite=overwrite)
     if resume and (out / "config.json").exists():
-        old = read_json(out / "config.json")
-        if (old.get("model"), old.get("task"), old.get("space")) != (model, task, space):
-            raise ConfigError(f"--resume: {out} holds a search of {old.get('model')}/{old.get('task')}/"
-                              f"{old.get('space')}, not {model}/{task}/{space}")
-        cfg = SearchConfig.from_dict({"pooling": "mean", **old["search"]})  # searches before pooling: mean
+        _check_resume(out, model, task, space, budget, cfg)
+    device = resolve_device(cfg.device)
+    # Everything is loaded and checked before the folder is touched: a bad model, space, budget,
+    # task or data file leaves no trace in --out.
     backbone, space_obj, specs, b, brec = space_on_model(model, space, budget, cfg.seed)
+    check_max_length(backbone, cfg.max_length)
     total_space = sum(s.n_params for s in specs)
     config = {"command": "search", "model": model, "task": task, "space": space, "space_spec": space_obj.to_dict(),
               "budget": brec, "budget_arg": str(budget), "space_params": total_space, "data_dir": data_dir,
               "search": asdict(cfg), "versions": versions()}
-    if not resume or not (out / "config.json").exists():
-        write_json(out / "config.json", config)
     td, tok, enc = prepare_task(task, model, cfg.max_length, cfg.seed, cfg.max_train_samples, cfg.max_eval_samples,
                                 data_dir)
     if b >= total_space:
@@ -124,28 +134,51 @@ def search(model: str, task: str, space: str, budget: str | int, out: str | Path
                   controller=cfg.controller, l0_weight=cfg.l0_weight)
     tm = TaskModel(backbone, td.card, tok, pooling=cfg.pooling)
     root = SearchModel(sn, tm)
-    log.info("search: %s on %s, space %s (%d candidates, %d params), budget %d (%.4f%%)", model, task, space,
-             sn.alpha.numel(), total_space, b, 100 * brec["fraction"])
-    res = run_search(root, enc, cfg, out, resume=resume)
-    with torch.no_grad():
-        sn.alpha.data.copy_(res.selected_alpha)
-        rows = sn.candidate_rows()
-        kept = sn.derive_specs(b)
-    write_alphas_csv(out / "alphas.csv", rows)
-    st = S.from_specs(kept, backbone, space_obj.name, brec,
-                      {"task": task, "seed": cfg.seed, "select": cfg.select, "step": res.best_step
-                       if cfg.select == "best" else res.steps, "order": cfg.order, "controller": cfg.controller})
-    st.save(out / "structure.json")
-    device = resolve_device(cfg.device)
-    metrics = {"stage": "search", "validation_soft_gates": res.best_validation, "best_step": res.best_step,
-               "steps": res.steps, "structure": {"n_params": st.n_params, "modules": len(st.modules),
-                                                 "by_kind": st.counts_by_kind(), "budget": brec},
-               "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
-                        "gpu_hours": gpu_hours(res.seconds, device),
-                        "machine": _machine(device)}}
-    write_json(out / "metrics.json", metrics)
+    with rundir.RunDir(out, resume=resume, overwrite=overwrite):
+        if not resume or not (out / "config.json").exists():
+            write_json(out / "config.json", config)
+        log.info("search: %s on %s, space %s (%d candidates, %d params), budget %d (%.4f%%)", model, task, space,
+                 sn.alpha.numel(), total_space, b, 100 * brec["fraction"])
+        res = run_search(root, enc, cfg, out, resume=resume)
+        with torch.no_grad():
+            sn.alpha.data.copy_(res.selected_alpha)
+            rows = sn.candidate_rows()
+            kept = sn.derive_specs(b)
+        write_alphas_csv(out / "alphas.csv", rows)
+        st = S.from_specs(kept, backbone, space_obj.name, brec,
+                          {"task": task, "seed": cfg.seed, "select": cfg.select, "step": res.best_step
+                           if cfg.select == "best" else res.steps, "order": cfg.order, "controller": cfg.controller})
+        st.save(out / "structure.json")
+        metrics = {"stage": "search", "validation_soft_gates": res.best_validation, "best_step": res.best_step,
+                   "steps": res.steps, "structure": {"n_params": st.n_params, "modules": len(st.modules),
+                                                     "by_kind": st.counts_by_kind(), "budget": brec},
+                   "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
+                            "gpu_hours": gpu_hours(res.seconds, device),
+                            "machine": _machine(device)}}
+        write_json(out / "metrics.json", metrics)  # last: its presence marks the run finished
     log.info("structure: %s", st.summary())
     return metrics
+
+
+# Settings a resumed search may change: they do not alter what is computed.
+_RESUME_FREE = ("progress", "device", "compile", "eval_batch_size")
+
+
+def _check_resume(out: Path, model: str, task: str, space: str, budget, cfg: SearchConfig) -> None:
+    """ConfigError unless ``--resume`` repeats the settings of the run in ``out``."""
+    try:
+        old = read_json(out / "config.json")
+        old_cfg = dict(old["search"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--resume: {out / 'config.json'} is not a search config ({type(e).__name__}); "
+                          f"start afresh without --resume in another --out") from e
+    new = asdict(cfg)
+    diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in (("model", model), ("task", task), ("space", space),
+                                                         ("budget_arg", str(budget))) if old.get(k) != v]
+    diff += [f"{k} {old_cfg.get(k)!r} -> {new[k]!r}" for k in new if k not in _RESUME_FREE and old_cfg.get(k) != new[k]]
+    if diff:
+        raise ConfigError(f"--resume: {out} was started with other settings ({'; '.join(diff)}); repeat the "
+                          f"original settings or start a new --out")
 
 
 # --------------------------------------------------------------------------- retrain / baselines
@@ -160,19 +193,20 @@ def _save_delta(path: Path, named: dict[str, torch.Tensor]) -> None:
 
 def train_structure(structure: S.Structure | None, task: str, model: str, out: str | Path, cfg: TrainConfig,
                     data_dir: str | None = None, stage: str = "retrain", extra_config: dict | None = None,
-                    on_eval=None) -> dict:
+                    on_eval=None, overwrite: bool = False, extra_metrics: dict | None = None) -> dict:
     """Train a structure (or every weight when ``structure`` is None: full fine-tuning) from
     scratch on a fresh backbone; best checkpoint on validation, reported on test.
-    ``on_eval(step, metrics)`` is passed to ``fit`` (called after each validation)."""
-    out = _check_out(out)
+    ``on_eval(step, metrics)`` is passed to ``fit`` (called after each validation);
+    ``overwrite`` replaces a finished run in ``out``; ``extra_metrics`` are added to metrics.json."""
+    out = rundir.check(out, overwrite=overwrite)
     full = structure is None
     config = {"command": stage, "model": model, "task": task, "data_dir": data_dir, "train": asdict(cfg),
               "versions": versions(), **(extra_config or {})}
     if structure is not None:
         config["structure"] = structure.to_dict()
-        structure.save(out / "structure.json")
-    write_json(out / "config.json", config)
+    device = resolve_device(cfg.device)
     backbone = load_backbone(model, seed=cfg.seed)
+    check_max_length(backbone, cfg.max_length)
     td, tok, enc = prepare_task(task, model, cfg.max_length, cfg.seed, cfg.max_train_samples, cfg.max_eval_samples,
                                 data_dir)
     torch.manual_seed(cfg.seed)
@@ -186,42 +220,45 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
     else:
         for spec in deltaset.specs:  # one group per kind: each trains at its own rate
             groups.setdefault(f"kind:{spec.kind}", []).extend(deltaset.delta(spec).parameters())
-        deltaset.to(resolve_device(cfg.device))
+        deltaset.to(device)
     rates = learning_rates(cfg, [k[len("kind:"):] for k in groups if k.startswith("kind:")], full)
     n_trainable = sum(p.numel() for ps in groups.values() for p in ps)
     n_head = sum(p.numel() for p in groups["head"])
     n_pet = n_trainable - n_head
     if structure is not None and n_pet != structure.n_params:
         raise StructureError(f"built {n_pet} PET parameters but the structure lists {structure.n_params}")
-    res = fit(tm, groups, enc, cfg, out, full=full, on_eval=on_eval, rates=rates)
-    named = {f"head.{k}": v for k, v in tm.head.state_dict().items()}
-    if full:
-        named.update({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
-    else:
-        named.update({f"deltas.{k}": v for k, v in deltaset.state_dict().items()})
-    _save_delta(out / "delta.safetensors", named)
-    device = resolve_device(cfg.device)
-    bb = count_params(backbone) if not full else n_pet
-    metrics = {"stage": stage, "task": task, "model": model, "main_metric": td.card.main_metric,
-               "validation": res.best_validation, "test": res.test, "best_step": res.best_step, "steps": res.steps,
-               "params": {"pet": n_pet, "head": n_head, "backbone": bb,
-                          "pet_share_of_backbone": n_pet / bb if bb else 0.0},
-               "split_info": td.split_info, "learning_rates": rates, "pooling": tm.pooling,
-               "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
-                        "gpu_hours": gpu_hours(res.seconds, device),
-                        "machine": _machine(device)}}
-    write_json(out / "metrics.json", metrics)
+    with rundir.RunDir(out, overwrite=overwrite):
+        if structure is not None:
+            structure.save(out / "structure.json")
+        write_json(out / "config.json", config)
+        res = fit(tm, groups, enc, cfg, out, full=full, on_eval=on_eval, rates=rates)
+        named = {f"head.{k}": v for k, v in tm.head.state_dict().items()}
+        if full:
+            named.update({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
+        else:
+            named.update({f"deltas.{k}": v for k, v in deltaset.state_dict().items()})
+        _save_delta(out / "delta.safetensors", named)
+        bb = count_params(backbone) if not full else n_pet
+        metrics = {"stage": stage, "task": task, "model": model, "main_metric": td.card.main_metric,
+                   "validation": res.best_validation, "test": res.test, "best_step": res.best_step,
+                   "steps": res.steps, "params": {"pet": n_pet, "head": n_head, "backbone": bb,
+                                                  "pet_share_of_backbone": n_pet / bb if bb else 0.0},
+                   "split_info": td.split_info, "learning_rates": rates, "pooling": tm.pooling,
+                   "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
+                            "gpu_hours": gpu_hours(res.seconds, device),
+                            "machine": _machine(device)}, **(extra_metrics or {})}
+        write_json(out / "metrics.json", metrics)  # last: its presence marks the run finished
     return metrics
 
 
 def retrain(structure_path: str | Path, task: str, out: str | Path, cfg: TrainConfig | None = None,
-            model: str | None = None, data_dir: str | None = None) -> dict:
+            model: str | None = None, data_dir: str | None = None, overwrite: bool = False) -> dict:
     """Retrain a structure file on a task (on its own base model unless ``model`` is given)."""
     st = S.load(structure_path)
     model = model or st.base_model.get("name_or_path")
     if not model:
         raise StructureError(f"{structure_path}: base_model.name_or_path is empty; pass --model")
-    return train_structure(st, task, model, out, cfg or TrainConfig(), data_dir)
+    return train_structure(st, task, model, out, cfg or TrainConfig(), data_dir, overwrite=overwrite)
 
 
 def evaluate_run(run_dir: str | Path, task: str | None = None, data_dir: str | None = None,
@@ -230,23 +267,35 @@ def evaluate_run(run_dir: str | Path, task: str | None = None, data_dir: str | N
     from safetensors.torch import load_file
 
     run = Path(run_dir)
-    if not (run / "config.json").is_file() or not (run / "delta.safetensors").is_file():
-        raise ConfigError(f"{run} is not a finished retrain/baseline run (needs config.json and delta.safetensors)")
-    config = read_json(run / "config.json")
-    cfg = TrainConfig.from_dict({"pooling": "mean", **config.get("train", {})})  # runs before pooling: mean
+    if not all((run / f).is_file() for f in ("config.json", "delta.safetensors", "metrics.json")):
+        raise ConfigError(f"{run} is not a finished retrain/baseline run (needs config.json, delta.safetensors "
+                          f"and metrics.json)")
+    try:
+        config = read_json(run / "config.json")
+        cfg = TrainConfig.from_dict({"pooling": "mean", **config.get("train", {})})  # runs before pooling: mean
+    except (OSError, ValueError, AttributeError, TypeError) as e:  # ConfigError passes: it is a one-liner
+        raise ConfigError(f"{run / 'config.json'} is not a run config ({type(e).__name__}: {e})") from e
     task = task or config["task"]
     model = config["model"]
     backbone = load_backbone(model, seed=cfg.seed)
     td, tok, enc = prepare_task(task, model, cfg.max_length, cfg.seed, 0, cfg.max_eval_samples,
                                 data_dir or config.get("data_dir"))
     tm = TaskModel(backbone, td.card, tok, pooling=cfg.pooling)
-    weights = load_file(str(run / "delta.safetensors"))
+    try:
+        weights = load_file(str(run / "delta.safetensors"))
+    except Exception as e:  # safetensors raises its own error type for a torn file
+        raise ConfigError(f"{run / 'delta.safetensors'} cannot be read ({str(e).splitlines()[0]})") from e
     deltaset = None
-    if "structure" in config:
-        deltaset = S.apply(S.from_dict(config["structure"], str(run / "config.json")), backbone)
-        deltaset.load_state_dict({k[len("deltas."):]: v for k, v in weights.items() if k.startswith("deltas.")})
-    else:
-        backbone.load_state_dict({k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")})
+    try:
+        if "structure" in config:
+            deltaset = S.apply(S.from_dict(config["structure"], str(run / "config.json")), backbone)
+            deltaset.load_state_dict({k[len("deltas."):]: v for k, v in weights.items() if k.startswith("deltas.")})
+        else:
+            backbone.load_state_dict({k[len("backbone."):]: v for k, v in weights.items()
+                                      if k.startswith("backbone.")})
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+        raise ConfigError(f"{run / 'delta.safetensors'} does not fit the run's structure: "
+                          f"{str(e).splitlines()[0]}") from e
     head = {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")}
     try:
         tm.head.load_state_dict(head)
@@ -263,19 +312,22 @@ def evaluate_run(run_dir: str | Path, task: str | None = None, data_dir: str | N
 
 
 def baseline(method: str, budget: str | int | None, task: str, out: str | Path, cfg: TrainConfig | None = None,
-             model: str = "minilm", space: str = "s3pet-m", data_dir: str | None = None) -> dict:
+             model: str = "minilm", space: str = "s3pet-m", data_dir: str | None = None,
+             overwrite: bool = False) -> dict:
     """Train a hand-designed method (or a random structure of ``space``) sized to ``budget``."""
-    from s3pet.baselines import METHODS, baseline_structure
-
     from s3pet import peft_methods
+    from s3pet.baselines import METHODS, baseline_structure
 
     cfg = cfg or TrainConfig()
     if method in peft_methods.METHODS:
-        return train_peft(method, budget, task, out, cfg, model=model, data_dir=data_dir)
+        return train_peft(method, budget, task, out, cfg, model=model, data_dir=data_dir, overwrite=overwrite)
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS + peft_methods.METHODS)}")
     if method != "full" and budget is None:
         raise ConfigError(f"--budget is required for method {method}")
+    if method == "full" and budget is not None:
+        raise ConfigError(f"--budget {budget} does not apply to --method full (every weight trains); drop --budget")
+    rundir.check(out, overwrite=overwrite)
     backbone = load_backbone(model, seed=cfg.seed)
     bb = count_params(backbone)
     st, brec = None, None
@@ -285,22 +337,21 @@ def baseline(method: str, budget: str | int | None, task: str, out: str | Path, 
         st = baseline_structure(method, backbone, b, seed=cfg.seed, space=space, budget_record=brec)
         log.info("%s under %d: %s", method, b, st.summary())
     del backbone
-    m = train_structure(st, task, model, out, cfg, data_dir, stage=f"baseline:{method}",
-                        extra_config={"method": method, "budget": brec, "space": space if method == "random" else None})
-    m["method"] = method
-    write_json(Path(out) / "metrics.json", m)
-    return m
+    return train_structure(st, task, model, out, cfg, data_dir, stage=f"baseline:{method}",
+                           extra_config={"method": method, "budget": brec,
+                                         "space": space if method == "random" else None},
+                           overwrite=overwrite, extra_metrics={"method": method})
 
 
 def train_peft(method: str, budget: str | int | None, task: str, out: str | Path, cfg: TrainConfig,
-               model: str = "minilm", data_dir: str | None = None) -> dict:
+               model: str = "minilm", data_dir: str | None = None, overwrite: bool = False) -> dict:
     """Train a reference method through HF peft itself (``s3pet.peft_methods``) with s3pet's loop,
     splits and metrics; writes config.json, history.jsonl, metrics.json and the peft adapter
     (``adapter/``, loadable with ``PeftModel.from_pretrained``)."""
     from s3pet import peft_methods as PM
     from s3pet.train import planned_steps
 
-    out = _check_out(out)
+    out = rundir.check(out, overwrite=overwrite)
     td, tok, enc = prepare_task(task, model, cfg.max_length, cfg.seed, cfg.max_train_samples, cfg.max_eval_samples,
                                 data_dir)
     brec = None
@@ -312,40 +363,49 @@ def train_peft(method: str, budget: str | int | None, task: str, out: str | Path
     torch.manual_seed(cfg.seed)
     _, total = planned_steps(cfg, len(enc.train))
     tm, info = PM.build(method, model, td.card, brec and brec["params"], total, cfg.seed)
-    write_json(out / "config.json", {"command": f"baseline:{method}", "model": model, "task": task,
-                                     "data_dir": data_dir, "method": method, "budget": brec, "train": asdict(cfg),
-                                     "peft": info, "versions": versions()})
+    config = {"command": f"baseline:{method}", "model": model, "task": task, "data_dir": data_dir,
+              "method": method, "budget": brec, "train": asdict(cfg), "peft": info, "versions": versions()}
     groups = {"kind:lora": [], "head": tm.head_parameters()}
     head_ids = {id(p) for p in groups["head"]}
     groups["kind:lora"] = [p for p in tm.peft_model.parameters() if p.requires_grad and id(p) not in head_ids]
     rates = learning_rates(cfg, ["lora"])
     after = PM.adalora_step(tm) if method == "adalora" else None
-    res = fit(tm, groups, enc, cfg, out, on_eval=None, rates=rates, after_step=after)
-    PM.save_adapter(tm, out / "adapter")
     device = resolve_device(cfg.device)
-    n_pet, n_head = PM.n_pet_params(tm), sum(p.numel() for p in groups["head"])
-    bb = count_params(tm.peft_model.base_model.model.base_model) - n_pet
-    params = {"pet": info.get("final_params", n_pet), "trained": n_pet, "head": n_head, "backbone": bb}
-    params["pet_share_of_backbone"] = params["pet"] / bb
-    metrics = {"stage": f"baseline:{method}", "method": method, "task": task, "model": model,
-               "main_metric": td.card.main_metric, "validation": res.best_validation, "test": res.test,
-               "best_step": res.best_step, "steps": res.steps, "params": params, "split_info": td.split_info,
-               "learning_rates": rates, "pooling": "model's own (AutoModelForSequenceClassification)",
-               "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
-                        "gpu_hours": gpu_hours(res.seconds, device), "machine": _machine(device)}}
-    write_json(out / "metrics.json", metrics)
+    with rundir.RunDir(out, overwrite=overwrite):
+        write_json(out / "config.json", config)
+        res = fit(tm, groups, enc, cfg, out, on_eval=None, rates=rates, after_step=after)
+        PM.save_adapter(tm, out / "adapter")
+        n_pet, n_head = PM.n_pet_params(tm), sum(p.numel() for p in groups["head"])
+        bb = count_params(tm.peft_model.base_model.model.base_model) - n_pet
+        params = {"pet": info.get("final_params", n_pet), "trained": n_pet, "head": n_head, "backbone": bb}
+        params["pet_share_of_backbone"] = params["pet"] / bb
+        metrics = {"stage": f"baseline:{method}", "method": method, "task": task, "model": model,
+                   "main_metric": td.card.main_metric, "validation": res.best_validation, "test": res.test,
+                   "best_step": res.best_step, "steps": res.steps, "params": params, "split_info": td.split_info,
+                   "learning_rates": rates, "pooling": "model's own (AutoModelForSequenceClassification)",
+                   "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
+                            "gpu_hours": gpu_hours(res.seconds, device), "machine": _machine(device)}}
+        write_json(out / "metrics.json", metrics)  # last: its presence marks the run finished
     return metrics
 
 
 def run_all(model: str, task: str, space: str, budget: str | int, out: str | Path, scfg: SearchConfig,
-            tcfg: TrainConfig, compare: bool = False, data_dir: str | None = None) -> dict:
-    """The main job: search -> derive -> retrain -> evaluate -> plot (-> compare), one folder per stage."""
+            tcfg: TrainConfig, compare: bool = False, data_dir: str | None = None, overwrite: bool = False) -> dict:
+    """The main job: search -> derive -> retrain -> evaluate -> plot (-> compare), one folder per stage.
+
+    ``overwrite`` replaces a finished main job (``summary.json``) and each finished stage in it."""
     from s3pet.plot import plot_paths
 
-    out = _check_out(out)
+    with rundir.RunDir(out, overwrite=overwrite, finished="summary.json") as rd:
+        summary = _run_all(model, task, space, budget, rd.path, scfg, tcfg, compare, data_dir, overwrite, plot_paths)
+    return summary
+
+
+def _run_all(model, task, space, budget, out: Path, scfg, tcfg, compare, data_dir, overwrite, plot_paths) -> dict:
     t0 = time.perf_counter()
-    sm = search(model, task, space, budget, out / "search", scfg, data_dir=data_dir)
-    rm = retrain(out / "search" / "structure.json", task, out / "retrain", tcfg, model=model, data_dir=data_dir)
+    sm = search(model, task, space, budget, out / "search", scfg, data_dir=data_dir, overwrite=overwrite)
+    rm = retrain(out / "search" / "structure.json", task, out / "retrain", tcfg, model=model, data_dir=data_dir,
+                 overwrite=overwrite)
     summary = {"model": model, "task": task, "space": space, "budget": sm["structure"]["budget"],
                "structure": sm["structure"], "retrain": {"test": rm["test"], "validation": rm["validation"],
                                                          "params": rm["params"]},
@@ -355,7 +415,7 @@ def run_all(model: str, task: str, space: str, budget: str | int, out: str | Pat
         summary["compare"] = {}
         for method in ("random", "bitfit"):
             bm = baseline(method, sm["structure"]["budget"]["params"], task, out / "compare" / method, tcfg,
-                          model=model, space=space, data_dir=data_dir)
+                          model=model, space=space, data_dir=data_dir, overwrite=overwrite)
             summary["compare"][method] = {"test": bm["test"], "params": bm["params"]}
     plots = plot_paths([out], out / "plots")
     summary["plots"] = [str(p) for p in plots]

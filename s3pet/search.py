@@ -30,12 +30,12 @@ from s3pet import accel
 from s3pet import budget as B
 from s3pet import data as D
 from s3pet import dist
-from s3pet.errors import ConfigError
+from s3pet.errors import ConfigError, TrainingError
 from s3pet.heads import TaskModel
 from s3pet.io import append_jsonl, atomic_write_bytes, atomic_write_text
 from s3pet.supernet import CONTROLLERS, Supernet
-from s3pet.train import (EncodedTask, autocast, evaluate, linear_schedule, make_adamw, peak_memory_mb,
-                         resolve_device)
+from s3pet.train import (EncodedTask, all_finite, autocast, check_device, check_numbers, evaluate, linear_schedule,
+                         make_adamw, peak_memory_mb, resolve_device)
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,20 @@ class SearchConfig:
             raise ConfigError(f"controller must be one of {', '.join(CONTROLLERS)}, got {self.controller!r}")
         if self.select not in ("best", "last"):
             raise ConfigError(f"select must be 'best' or 'last', got {self.select!r}")
+        check_numbers(self, positive=("epochs", "batch_size", "w_lr", "alpha_lr", "beta", "temperature", "log_every",
+                                      "max_length", "eval_batch_size", "alpha_share"),
+                      non_negative=("max_steps", "head_lr", "weight_decay", "grad_clip", "warmup_ratio", "l0_weight",
+                                    "xi", "eval_every", "checkpoint_every", "seed", "shift_iters",
+                                    "max_train_samples", "max_eval_samples"),
+                      at_most_one=("warmup_ratio",))
         if not 0 < self.alpha_share < 1:
             raise ConfigError(f"alpha_share must be in (0, 1), got {self.alpha_share}")
+        check_device(self.device)
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         accel.check_setting(self.compile)
         if self.pooling not in ("auto", "pooler", "mean"):
             raise ConfigError(f"pooling must be auto, pooler or mean, got {self.pooling!r}")
-        for name in ("epochs", "batch_size", "w_lr", "alpha_lr", "beta", "temperature", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchConfig":
@@ -295,10 +301,14 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
     step, best, best_step, best_alpha, seconds = 0, None, 0, sn.alpha.detach().clone(), 0.0
     torch.manual_seed(cfg.seed)
     if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        root.load_state_dict(state["root"], strict=False)
-        bl.load_state_dict(state["bilevel"])
-        step, best, best_step, seconds = state["step"], state["best"], state["best_step"], state["seconds"]
+        try:  # a torn or foreign file must be one line, not a pickle traceback
+            state = torch.load(ckpt, map_location=device, weights_only=False)
+            root.load_state_dict(state["root"], strict=False)
+            bl.load_state_dict(state["bilevel"])
+            step, best, best_step, seconds = state["step"], state["best"], state["best_step"], state["seconds"]
+        except Exception as e:
+            raise ConfigError(f"--resume: {ckpt} is not a readable search checkpoint ({type(e).__name__}); "
+                              f"delete it to start the search afresh") from e
         best_alpha = state["best_alpha"].to(device)
         torch.set_rng_state(state["rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
@@ -311,6 +321,9 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    # Non-finite losses, logits or shift stop the search at once: checked every step on the CPU
+    # (free), every log interval on a GPU (one sync there anyway), and always before a checkpoint.
+    check_every = 1 if device.type == "cpu" else min(cfg.log_every, ckpt_every)
     root.train()
     t0 = time.perf_counter()
     sums = {"loss_w": torch.zeros((), device=device), "loss_alpha": torch.zeros((), device=device)}
@@ -329,6 +342,8 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
         sums["loss_w"] += bl.w_step(bw)
         step += 1
         bar.update(1)
+        if step % check_every == 0 or step == total:
+            _check_finite(sums, sn, cfg, step)
         if step % cfg.log_every == 0 or step == total:
             k = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
             with torch.no_grad():
@@ -363,6 +378,25 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
     return SearchResult(sn, best or {}, best_step, step, seconds, peak_memory_mb(device), selected)
 
 
+# Gate logits beyond this are saturated for any beta s3pet uses (sigmoid(1e4) == 1 in float32):
+# an alpha step that large means the gate optimiser diverged, not that a gate is decided.
+_MAX_LOGIT = 1e4
+
+
+def _check_finite(sums: dict, sn: Supernet, cfg: SearchConfig, step: int) -> None:
+    """Raise TrainingError naming the step and the setting to change when the search diverged."""
+    xi = " or --xi" if cfg.order == "second" else ""  # the virtual step moves the weights too
+    if not all_finite(sums.values()):
+        what = f"a loss is not finite; lower --w-lr (now {cfg.w_lr:g}) or --alpha-lr (now {cfg.alpha_lr:g}){xi}"
+    elif not all_finite([sn.alpha, sn.shift]) or sn.alpha.detach().abs().max() > _MAX_LOGIT:
+        what = f"the gate logits exploded; lower --alpha-lr (now {cfg.alpha_lr:g})"
+    elif not all_finite(sn.delta_parameters()):
+        what = f"a PET weight is not finite; lower --w-lr (now {cfg.w_lr:g}){xi}"
+    else:
+        return
+    raise TrainingError(f"search diverged at step {step}: {what}")
+
+
 def _save_checkpoint(path: Path, root, bl: BiLevel, step, best, best_step, best_alpha, seconds, device) -> None:
     state = {"root": {k: v for k, v in root.state_dict().items() if not _is_backbone(k)},
              "bilevel": bl.state_dict(), "step": step, "best": best, "best_step": best_step,
@@ -383,7 +417,18 @@ def _truncate_history(path: Path, step: int) -> None:
         return
     import json
 
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    keep = []
+    for i, ln in enumerate(lines):
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # a kill tore the last line: drop it, the checkpoint is older anyway
+                log.warning("%s: dropping a torn last line", path)
+                break
+            raise ConfigError(f"--resume: {path} line {i + 1} is not JSON; remove the line or start afresh") from None
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(ln)
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 

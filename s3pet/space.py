@@ -314,10 +314,15 @@ def load_space(name_or_path: str | dict) -> Space:
             if not p.is_file():
                 raise ConfigError(f"unknown space '{name_or_path}': use one of {', '.join(SHIPPED_SPACES)} "
                                   "or a path to a space JSON file")
-            text, source = p.read_text(), str(p)
+            try:
+                text, source = p.read_bytes().decode("utf-8"), str(p)
+            except OSError as e:
+                raise ConfigError(f"space file {p} cannot be read ({e.strerror})") from e
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"space file {p} is not UTF-8 text (byte {e.start})") from e
         try:
             raw = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise ConfigError(f"space file {source} is not valid JSON: {e}") from e
     where = f"space {source}"
     if not isinstance(raw, dict) or not isinstance(raw.get("entries"), list) or not raw["entries"]:
@@ -329,17 +334,21 @@ def load_space(name_or_path: str | dict) -> Space:
             raise ConfigError(f"{at}: must be an object")
         e = dict(e)
         kind = e.pop("kind", None)
-        if kind not in KINDS:
+        if not isinstance(kind, str) or kind not in KINDS:
             raise ConfigError(f"{at}.kind: unknown kind {kind!r}; known: {', '.join(sorted(KINDS))}")
         roles = e.pop("roles", None)
         if isinstance(roles, str):
             roles = [roles]
-        if not roles or not all(isinstance(r, str) for r in roles):
+        if not isinstance(roles, list) or not roles or not all(isinstance(r, str) for r in roles):
             raise ConfigError(f"{at}.roles: give a list of role patterns, e.g. [\"attn.*\", \"ffn.in\"]")
+        for pat in roles:  # a typo ("atn.*") would silently select nothing
+            if not any(fnmatch.fnmatchcase(r, pat) for r in ROLES):
+                raise ConfigError(f"{at}.roles: {pat!r} matches no role; roles are {', '.join(ROLES)}")
         stacks = e.pop("stacks", None)
         if isinstance(stacks, str):
             stacks = [stacks]
-        if stacks is not None and not set(stacks) <= {"encoder", "decoder"}:
+        if stacks is not None and (not isinstance(stacks, list) or not all(isinstance(x, str) for x in stacks)
+                                   or not set(stacks) <= {"encoder", "decoder"}):
             raise ConfigError(f"{at}.stacks: must be 'encoder' and/or 'decoder', got {stacks}")
         layers = e.pop("layers", None)
         _check_layers(layers, at)
@@ -348,7 +357,13 @@ def load_space(name_or_path: str | dict) -> Space:
         except ConfigError as err:
             raise ConfigError(f"{at}: {err}") from err
         entries.append(SpaceEntry(kind, list(roles), stacks, layers, params))
+    for key in ("name", "description"):
+        if not isinstance(raw.get(key, ""), str):
+            raise ConfigError(f"{where}.{key}: must be a string, got {raw[key]!r}"[:200])
     return Space(str(raw.get("name", Path(str(source)).stem)), entries, str(raw.get("description", "")), source)
+
+
+_MAX_LAYER = 10_000  # far deeper than any model; bounds the sets a layer range expands to
 
 
 def _check_layers(layers: Any, at: str) -> None:
@@ -360,8 +375,9 @@ def _check_layers(layers: Any, at: str) -> None:
         if ok and layers.get("from", 0.0) <= layers.get("to", 1.0):
             return
     elif isinstance(layers, list) and layers and all(
-            (isinstance(x, int) and not isinstance(x, bool))
-            or (isinstance(x, str) and re.fullmatch(r"\d+-\d+", x) and int(x.split("-")[0]) <= int(x.split("-")[1]))
+            (isinstance(x, int) and not isinstance(x, bool) and abs(x) <= _MAX_LAYER)
+            or (isinstance(x, str) and re.fullmatch(r"\d{1,5}-\d{1,5}", x)
+                and int(x.split("-")[0]) <= int(x.split("-")[1]) <= _MAX_LAYER)
             for x in layers):
         return
     raise ConfigError(f"{at}.layers: use a list of indices/ranges like [0, \"2-4\"] or a relative depth "

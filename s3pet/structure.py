@@ -11,7 +11,9 @@ applied (site present with the right role and size, parameter counts that match)
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +22,15 @@ from torch import nn
 
 import s3pet
 from s3pet.deltas import KINDS
-from s3pet.errors import StructureError
+from s3pet.deltas.base import MAX_UNITS
+from s3pet.errors import S3petError, StructureError
 from s3pet.inject import DeltaSet
 from s3pet.io import write_json
 from s3pet.models import count_params, model_name
-from s3pet.space import ModuleSpec, discover_sites, stack_depths
+from s3pet.space import ROLES, ModuleSpec, discover_sites, stack_depths
 
 SCHEMA = "s3pet.structure/v1"
+MAX_LAYERS = 10_000  # far deeper than any model; a plot draws a row per layer
 _MODULE_FIELDS = ("site", "stack", "layer", "role", "kind", "rank", "n_params")
 
 
@@ -42,7 +46,7 @@ class Structure:
 
     @property
     def n_params(self) -> int:
-        return sum(int(m["n_params"]) for m in self.modules)
+        return sum(m["n_params"] for m in self.modules)
 
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "base_model": self.base_model, "space": self.space, "budget": self.budget,
@@ -89,8 +93,76 @@ def from_specs(kept: list[tuple[ModuleSpec, float]], backbone: nn.Module, space:
     return Structure(base_model_record(backbone), space, dict(budget), modules, prov)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _need(cond: bool, where: str, what: str, value: Any) -> None:
+    if not cond:
+        shown = repr(value)
+        raise StructureError(f"{where}: {what}, got {shown[:60] + '...' if len(shown) > 60 else shown}")
+
+
+def _check_base_model(bm: Any, where: str) -> None:
+    at = f"{where}: base_model"
+    _need(isinstance(bm, dict), at, "must be an object", bm)
+    for key, ok, what in (("name_or_path", lambda v: isinstance(v, str), "a string"),
+                          ("model_type", lambda v: isinstance(v, str), "a string"),
+                          ("layers", lambda v: _is_int(v) and 1 <= v <= MAX_LAYERS, f"an integer in [1, {MAX_LAYERS}]"),
+                          ("n_params", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+                          ("stacks", lambda v: isinstance(v, dict) and v and all(
+                              isinstance(k, str) and k and _is_int(n) and 1 <= n <= MAX_LAYERS for k, n in v.items()),
+                           f"an object of stack name -> layer count in [1, {MAX_LAYERS}]")):
+        if key not in bm:
+            raise StructureError(f"{at}: missing field '{key}'")
+        _need(ok(bm[key]), f"{at}.{key}", f"must be {what}", bm[key])
+
+
+def _check_module(m: Any, at: str, stacks: dict[str, int]) -> None:
+    _need(isinstance(m, dict), at, "must be an object", m)
+    missing = [f for f in _MODULE_FIELDS if f not in m]
+    if missing:
+        raise StructureError(f"{at}: missing field(s) {missing}")
+    unknown = set(m) - set(_MODULE_FIELDS) - {"score", "params"}
+    if unknown:
+        raise StructureError(f"{at}: unknown field(s) {sorted(unknown)}")
+    _need(isinstance(m["site"], str) and m["site"], f"{at}.site", "must be a non-empty string", m["site"])
+    at = f"{at} ({m['site']})"
+    _need(m["kind"] in KINDS if isinstance(m["kind"], str) else False, f"{at}.kind",
+          f"must be a known kind ({', '.join(sorted(KINDS))})", m["kind"])
+    _need(isinstance(m["role"], str) and m["role"] in ROLES, f"{at}.role", "must be a known role", m["role"])
+    _need(isinstance(m["stack"], str) and m["stack"] in stacks, f"{at}.stack",
+          f"must be one of base_model.stacks ({', '.join(stacks)})", m["stack"])
+    depth = stacks[m["stack"]]
+    # -1: a norm before the blocks (embeddings); depth: the final norm after them.
+    _need(_is_int(m["layer"]) and -1 <= m["layer"] <= depth, f"{at}.layer", f"must be an integer in [-1, {depth}]",
+          m["layer"])
+    _need(_is_int(m["rank"]) and 1 <= m["rank"] <= MAX_UNITS, f"{at}.rank",
+          f"must be a positive integer (at most {MAX_UNITS})", m["rank"])
+    _need(_is_int(m["n_params"]) and m["n_params"] >= 1, f"{at}.n_params", "must be a positive integer",
+          m["n_params"])
+    score = m.get("score")
+    _need(score is None or (_is_num(score) and 0 <= score <= 1), f"{at}.score", "must be null or a number in [0, 1]",
+          score)
+    params = m.get("params", {})
+    _need(isinstance(params, dict), f"{at}.params", "must be an object", params)
+    try:
+        KINDS[m["kind"]].check_params(dict(params))
+    except S3petError as e:
+        raise StructureError(f"{at}.params: {e}") from e
+
+
 def from_dict(raw: Any, source: str = "<dict>") -> Structure:
-    """Validate a structure dict (everything that can be checked without the model)."""
+    """Validate a structure dict (everything that can be checked without the model).
+
+    Every field has its JSON type (no coercion: ``"64"`` or ``32.0`` is not a count), counts are
+    in range and add up, layers lie in their stack. The input is not modified. Raises
+    StructureError naming the file and the field.
+    """
     where = f"structure {source}"
     if not isinstance(raw, dict):
         raise StructureError(f"{where}: must be a JSON object")
@@ -99,47 +171,58 @@ def from_dict(raw: Any, source: str = "<dict>") -> Structure:
     for key in ("base_model", "budget", "modules"):
         if key not in raw:
             raise StructureError(f"{where}: missing field '{key}'")
+    raw = copy.deepcopy(raw)
+    _check_base_model(raw["base_model"], where)
+    _need(isinstance(raw.get("space", ""), str), f"{where}: space", "must be a string", raw.get("space"))
+    budget = raw["budget"]
+    _need(isinstance(budget, dict), f"{where}: budget", "must be an object", budget)
+    cap = budget.get("params")
+    _need(cap is None or (_is_int(cap) and cap >= 0), f"{where}: budget.params", "must be null or an integer >= 0", cap)
+    frac = budget.get("fraction")
+    _need(frac is None or (_is_num(frac) and frac >= 0), f"{where}: budget.fraction", "must be null or a number >= 0",
+          frac)
+    _need(isinstance(raw.get("provenance", {}), dict), f"{where}: provenance", "must be an object",
+          raw.get("provenance"))
     if not isinstance(raw["modules"], list):
         raise StructureError(f"{where}: 'modules' must be a list")
+    stacks = raw["base_model"]["stacks"]
     seen = set()
     for i, m in enumerate(raw["modules"]):
         at = f"{where}: modules[{i}]"
-        if not isinstance(m, dict):
-            raise StructureError(f"{at}: must be an object")
-        missing = [f for f in _MODULE_FIELDS if f not in m]
-        if missing:
-            raise StructureError(f"{at}: missing field(s) {missing}")
-        if m["kind"] not in KINDS:
-            raise StructureError(f"{at} ({m['site']}): unknown kind {m['kind']!r}; known: {', '.join(sorted(KINDS))}")
-        if not isinstance(m["rank"], int) or m["rank"] < 1:
-            raise StructureError(f"{at} ({m['site']}): rank must be a positive integer, got {m['rank']!r}")
+        _check_module(m, at, stacks)
         key = (m["site"], m["role"], m["kind"])
         if key in seen:
             raise StructureError(f"{at}: {m['kind']} at {m['site']} is listed twice")
         seen.add(key)
         m.setdefault("params", {})
         m.setdefault("score", None)
-    total = sum(int(m["n_params"]) for m in raw["modules"])
-    if "n_params" in raw and int(raw["n_params"]) != total:
-        raise StructureError(f"{where}: n_params is {raw['n_params']} but the modules add up to {total}")
-    cap = raw["budget"].get("params") if isinstance(raw["budget"], dict) else None
-    if cap is not None and total > int(cap):
+    total = sum(m["n_params"] for m in raw["modules"])
+    if "n_params" in raw:
+        _need(_is_int(raw["n_params"]), f"{where}: n_params", "must be an integer", raw["n_params"])
+        if raw["n_params"] != total:
+            raise StructureError(f"{where}: n_params is {raw['n_params']} but the modules add up to {total}")
+    if cap is not None and total > cap:
         raise StructureError(f"{where}: modules use {total} parameters, over the budget of {cap}")
-    return Structure(raw["base_model"], str(raw.get("space", "")), raw["budget"], raw["modules"],
-                     raw.get("provenance", {}))
+    return Structure(raw["base_model"], raw.get("space", ""), budget, raw["modules"], raw.get("provenance", {}))
 
 
 def load(path: str | Path) -> Structure:
-    """Read and validate a structure file; StructureError names what is wrong."""
+    """Read and validate a structure file (any bytes); StructureError names what is wrong."""
     p = Path(path)
     if p.is_dir() and (p / "structure.json").is_file():
         p = p / "structure.json"
     if not p.is_file():
         raise StructureError(f"structure file not found: {path}")
     try:
-        raw = json.loads(p.read_text())
+        raw = json.loads(p.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise StructureError(f"structure {p} cannot be read ({e.strerror})") from e
+    except UnicodeDecodeError as e:
+        raise StructureError(f"structure {p} is not UTF-8 text (byte {e.start})") from e
     except json.JSONDecodeError as e:
         raise StructureError(f"structure {p} is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise StructureError(f"structure {p} is nested too deeply to be a structure") from e
     return from_dict(raw, str(p))
 
 

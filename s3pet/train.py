@@ -9,8 +9,10 @@ progress bar and ``history.jsonl``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
+import re
 import resource
 import time
 from dataclasses import dataclass, field, fields
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 from s3pet import accel
 from s3pet import data as D
 from s3pet import dist
-from s3pet.errors import ConfigError
+from s3pet.errors import ConfigError, TaskError, TrainingError
 from s3pet.heads import TaskModel
 from s3pet.io import append_jsonl
 from s3pet.metrics import compute_metrics
@@ -64,17 +66,16 @@ class TrainConfig:
     compile: str = "auto"  # auto | on | off: torch.compile the model (auto: GPU, 2,000+ steps)
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "lr_scale", "grad_accum", "max_length", "eval_batch_size", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_every", "patience", "max_train_samples", "max_eval_samples",
-                     "weight_decay", "grad_clip", "lr", "full_lr", "head_lr", "warmup_ratio"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_numbers(self, positive=("epochs", "batch_size", "lr_scale", "full_lr", "grad_accum", "max_length",
+                                      "eval_batch_size", "log_every"),
+                      non_negative=("max_steps", "eval_every", "patience", "max_train_samples", "max_eval_samples",
+                                    "weight_decay", "grad_clip", "lr", "head_lr", "warmup_ratio", "seed"),
+                      at_most_one=("warmup_ratio",))
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        check_device(self.device)
         accel.check_setting(self.compile)
 
     @classmethod
@@ -99,12 +100,51 @@ def learning_rates(cfg: TrainConfig, kinds: list[str], full: bool = False) -> di
     return {**{k: v * cfg.lr_scale for k, v in rates.items()}, "head": head * cfg.lr_scale}
 
 
+_INT_LIMIT = 2**62  # far beyond any real count; keeps seeds and step counts inside torch's int64
+
+
+def check_numbers(cfg, positive=(), non_negative=(), at_most_one=()) -> None:
+    """Every named field of a config dataclass is a finite number of its field's type, in range.
+
+    nan and inf pass a plain ``<= 0`` test (argparse's ``float`` accepts them), so finiteness is
+    checked first; ints must be ints (not floats or bools). Raises ConfigError naming the
+    setting as the command line spells it.
+    """
+    types = {f.name: f.type for f in fields(cfg)}
+    for name in (*positive, *non_negative):
+        v = getattr(cfg, name)
+        flag = "--" + name.replace("_", "-")
+        want_int = types[name] in (int, "int")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (want_int and not isinstance(v, int)):
+            raise ConfigError(f"{name} ({flag}) must be {'an integer' if want_int else 'a number'}, got {v!r}")
+        if not math.isfinite(v) or (want_int and abs(v) > _INT_LIMIT):
+            raise ConfigError(f"{name} ({flag}) must be a finite number, got {v!r}")
+        if name in positive and v <= 0:
+            raise ConfigError(f"{name} ({flag}) must be positive, got {v}")
+        if v < 0:
+            raise ConfigError(f"{name} ({flag}) must be >= 0, got {v}")
+        if name in at_most_one and v > 1:
+            raise ConfigError(f"{name} ({flag}) must be at most 1, got {v}")
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device(name) -> None:
+    """Reject device names s3pet cannot run on (before torch raises its own error, mid-run)."""
+    if not isinstance(name, str) or not _DEVICE.fullmatch(name):
+        raise ConfigError(f"device (--device) must be auto, cpu, cuda or cuda:N, got {name!r}")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(name)
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name} asked for but no CUDA GPU is available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name} asked for but there are {torch.cuda.device_count()} GPUs")
     return dev
 
 
@@ -174,6 +214,12 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def all_finite(tensors) -> bool:
+    """True when every element of every tensor is finite (one device sync, not one per tensor)."""
+    tensors = list(tensors)
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 @dataclass
 class TrainResult:
     best_validation: dict
@@ -187,7 +233,7 @@ class TrainResult:
 
 def planned_steps(cfg: TrainConfig, n_train: int) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps) of a run over ``n_train`` examples."""
-    per_epoch = max(1, D.n_batches(n_train, cfg.batch_size, world=dist.world_size()) // cfg.grad_accum)
+    per_epoch = D.n_batches(n_train, cfg.batch_size, world=dist.world_size()) // cfg.grad_accum
     return per_epoch, cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
 
 
@@ -218,7 +264,17 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
         rates["head"] = cfg.head_lr * cfg.lr_scale or lr
     opt_groups = [{"params": ps, "lr": rates[name]} for name, ps in groups.items()]
     opt = make_adamw(opt_groups, device, cfg.weight_decay)
-    shard = (dist.rank(), dist.world_size())
+    world, shard = dist.world_size(), (dist.rank(), dist.world_size())
+    n_batches = D.n_batches(len(task.train), cfg.batch_size, world=world)
+    if n_batches == 0:  # an epoch without a batch would loop forever
+        raise TaskError(f"the training split of {task.card.name} is empty ({len(task.train)} examples for "
+                        f"{world} process(es)); check the task's training file")
+    if n_batches < cfg.grad_accum:
+        raise ConfigError(f"grad_accum (--grad-accum) is {cfg.grad_accum} but an epoch has only {n_batches} "
+                          f"batches of {cfg.batch_size}; lower --grad-accum or --batch-size")
+    # Each optimizer step sums exactly grad_accum micro-batches; the last n_batches % grad_accum
+    # batches of an epoch are skipped (the order is reshuffled every epoch, so no example is
+    # always left out), never carried into the next epoch's first step.
     per_epoch, total = planned_steps(cfg, len(task.train))
     sched = linear_schedule(opt, total, int(cfg.warmup_ratio * total))
     eval_every = cfg.eval_every or per_epoch
@@ -242,15 +298,30 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
         loss.backward()
         return loss.detach()
 
+    # A non-finite loss is checked every step on the CPU (free) and at every log interval on a
+    # GPU (one sync there anyway); weights are checked before each validation and at the end.
+    check_every = 1 if device.type == "cpu" else cfg.log_every
+    setting = "--full-lr" if full else "--lr"
+
+    def diverged(what: str, at: int):
+        bar.close()
+        compiled.close()  # the next model of the process compiles afresh
+        clip = "" if cfg.grad_clip else " or set --grad-clip (now off)"
+        return TrainingError(f"training diverged at step {at}: {what} is not finite; lower {setting} "
+                             f"(now {lr:g}){clip}")
+
     done = False
     while not done:
         micro = 0
-        for batch in D.batches(task.train, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed, epoch=epoch,
-                               shard=shard):
+        epoch_batches = D.batches(task.train, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed,
+                                  epoch=epoch, shard=shard)
+        for batch in itertools.islice(epoch_batches, per_epoch * cfg.grad_accum):
             running += compiled.run(micro_step, D.to_device(batch, device))
             micro += 1
             if micro % cfg.grad_accum:
                 continue
+            if (step + 1) % check_every == 0 and not torch.isfinite(running):
+                raise diverged("the loss", step + 1)
             dist.average_gradients(trainable)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
@@ -263,11 +334,15 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
             bar.update(1)
             if step % cfg.log_every == 0:
                 val = running.item() / cfg.log_every  # one sync per log interval, not per step
+                if not math.isfinite(val):
+                    raise diverged("the loss", step)
                 running.zero_()
                 bar.set_postfix(loss=f"{val:.4f}")
                 if hist_path:
                     append_jsonl(hist_path, {"step": step, "epoch": epoch, "loss": val, "lr": sched.get_last_lr()[0]})
             if step % eval_every == 0 or step == total:
+                if not all_finite(trainable):
+                    raise diverged("a trained weight", step)
                 m = evaluate(model, task.validation, task.card, task.pad_id, cfg.eval_batch_size, device, cfg.precision)
                 if hist_path:
                     append_jsonl(hist_path, {"step": step, "epoch": epoch, "eval": m})
@@ -291,6 +366,8 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
         with torch.no_grad():
             for p, s in zip(trainable, best_state):
                 p.copy_(s)
+    if not all_finite(trainable):
+        raise diverged("a trained weight", step)
     test = evaluate(model, task.test, task.card, task.pad_id, cfg.eval_batch_size, device, cfg.precision)
     secs = time.perf_counter() - t0
     return TrainResult(best or {}, test, best_step, step, secs, peak_memory_mb(device))

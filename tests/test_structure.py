@@ -148,6 +148,15 @@ LOAD_ERRORS = [
     ("duplicate-module", _duplicate, ["listed twice"]),
     ("n-params-sum", _set(["n_params"], 12345), ["n_params", "12345"]),
     ("budget-overrun", _set(["budget", "params"], 5), ["budget", "5"]),
+    ("bad-kind-params", lambda d: d["modules"][0].update(params={"rank": 1, "dropout": 0.1}),
+     ["modules[0]", "dropout"]),
+    ("layer-beyond-stack", _set(["modules", 1, "layer"], 9), ["modules[1]", "layer", "9"]),
+    ("n-params-string", _set(["modules", 1, "n_params"], "64"), ["modules[1]", "n_params", "'64'"]),
+    ("n-params-float", _set(["modules", 1, "n_params"], 32.0), ["modules[1]", "n_params", "32.0"]),
+    ("stack-not-string", _set(["modules", 1, "stack"], 0), ["modules[1]", "stack"]),
+    ("score-nan", _set(["modules", 1, "score"], float("nan")), ["modules[1]", "score"]),
+    ("params-not-object", _set(["modules", 1, "params"], [1]), ["modules[1]", "params"]),
+    ("rank-huge", _set(["modules", 1, "rank"], 10**12), ["modules[1]", "rank"]),
 ]
 
 
@@ -210,19 +219,12 @@ def _wrong_n_params(d):
     return i
 
 
-def _bad_params(d):
-    i = _find(d, lambda m: m["kind"] == "lora")
-    d["modules"][i]["params"] = {"rank": 1, "alpha": 8, "dropout": 0.1}
-    return i
-
-
 MODEL_ERRORS = [
-    ("site-absent", _edit_module(lambda m: m["role"] == "attn.q", site="encoder.layer.9.attention.self.query",
-                                 layer=9), ["no such site"]),
+    ("site-absent", _edit_module(lambda m: m["role"] == "attn.q", site="encoder.layer.1.attention.self.qery"),
+     ["no such site"]),
     ("role-mismatch", _edit_module(lambda m: m["role"] == "attn.q", role="attn.k"), ["attn.k"]),
     ("n-params-disagree", _wrong_n_params, ["n_params"]),
     ("incompatible-host", _move_kind_to_norm, ["cannot attach", "norm"]),
-    ("bad-kind-params", _bad_params, ["dropout"]),
 ]
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from s3pet.deltas.base import Delta, DeltaKind, expand, project, register
+from s3pet.deltas.base import MAX_UNITS, Delta, DeltaKind, expand, project, register
 from s3pet.errors import ConfigError
 
 _ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
@@ -28,7 +28,7 @@ def _bottleneck(d: int, params: dict) -> int:
 
 
 def _check_act(params: dict) -> dict:
-    if params["activation"] not in _ACTS:
+    if not isinstance(params["activation"], str) or params["activation"] not in _ACTS:
         raise ConfigError(f"field 'activation' must be one of {sorted(_ACTS)}, got {params['activation']!r}")
     return params
 
@@ -61,8 +61,8 @@ class AdapterKind(DeltaKind):
     def check_params(self, params):
         out = _check_act(super().check_params(params))
         b = out["bottleneck"]
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
-            raise ConfigError(f"field 'bottleneck' of kind 'adapter' must be a positive integer, got {b!r}")
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_UNITS):
+            raise ConfigError(f"field 'bottleneck' of kind 'adapter' must be an integer in [1, {MAX_UNITS}], got {b!r}")
         return out
 
     def max_units(self, site, params):

@@ -10,6 +10,7 @@ after derivation).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from s3pet.space import Site
 
 KINDS: dict[str, "DeltaKind"] = {}
+# Units (a rank, a bottleneck) beyond this exceed the width of any transformer s3pet targets; a
+# larger number in a space or structure file is a typo, and would allocate without bound.
+MAX_UNITS = 65_536
 
 
 def register(cls):
@@ -85,10 +89,11 @@ class DeltaKind(ABC):
             if isinstance(d, bool) or not isinstance(d, (int, float)):
                 continue
             if isinstance(d, int):  # unit counts and reductions are whole numbers
-                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                    raise ConfigError(f"field '{k}' of kind '{self.name}' must be a positive integer, got {v!r}")
-            elif isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise ConfigError(f"field '{k}' of kind '{self.name}' must be a positive number, got {v!r}")
+                if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_UNITS:
+                    raise ConfigError(f"field '{k}' of kind '{self.name}' must be an integer in [1, {MAX_UNITS}], "
+                                      f"got {v!r}")
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"field '{k}' of kind '{self.name}' must be a positive finite number, got {v!r}")
         return out
 
     def max_units(self, site: "Site", params: dict) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections.abc import Callable
 
@@ -18,7 +19,7 @@ def _examples(card: TaskCard, rows, where: str) -> tuple[list[Example], int]:
     """Examples from rows; returns (examples, number dropped by the card's label rules)."""
     make = _example_maker(card)
     out, dropped, bad, first_bad, total = [], 0, 0, None, 0
-    for lineno, row in rows:
+    for lineno, row in _guarded(rows, where):
         total += 1
         try:
             if isinstance(row, Exception):
@@ -32,6 +33,9 @@ def _examples(card: TaskCard, rows, where: str) -> tuple[list[Example], int]:
             dropped += 1
         else:
             out.append(ex)
+    if total == 0:  # an empty or header-only file: an error here, not an empty split (a hang) later
+        raise TaskError(f"task '{card.name}': {where} has no data rows (empty or header only); add examples "
+                        f"or point the card's source.files at the right file")
     if bad:
         if bad > MAX_MALFORMED * total:
             raise TaskError(f"task '{card.name}': {bad} of {total} rows of {where} cannot be "
@@ -39,6 +43,14 @@ def _examples(card: TaskCard, rows, where: str) -> tuple[list[Example], int]:
         log.warning("task %s: skipped %d malformed row(s) of %s; first: %s",
                     card.name, bad, where, first_bad)
     return out, dropped
+
+
+def _guarded(rows, where: str):
+    """The rows, with a reader error (a CSV field over the size limit, a NUL byte) as a TaskError."""
+    try:
+        yield from rows
+    except (csv.Error, ValueError, OSError) as e:
+        raise TaskError(f"{where}: cannot be read as the card's format ({e})") from e
 
 
 def _example_maker(card: TaskCard) -> Callable[[dict], Example | None]:

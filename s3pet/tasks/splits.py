@@ -62,6 +62,10 @@ def _make_splits(card: TaskCard, raw: dict, seed: int):
         test = raw["test"] if "test" in keys else raw["dev"]
         rule = (f"{heldout} held out from train as validation; test = official "
                 f"{'test' if 'test' in keys else 'dev'}")
+    for name, split in (("train", train), ("validation", validation)):
+        if not split:
+            raise TaskError(f"task '{card.name}': the {name} split is empty ({rule}); check the card's files "
+                            f"and label rules")
     info = {"rule": rule, "split_seed": s, "seed_from": "card (fixed)" if fixed else "run seed",
             "file_sizes": {k: len(v) for k, v in raw.items()},
             "sizes": {"train": len(train), "validation": len(validation), "test": len(test)}}
