@@ -307,8 +307,9 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
         bar.close()
         compiled.close()  # the next model of the process compiles afresh
         clip = "" if cfg.grad_clip else " or set --grad-clip (now off)"
-        return TrainingError(f"training diverged at step {at}: {what} is not finite; lower {setting} "
-                             f"(now {lr:g}){clip}")
+        top = max(rates.values())
+        return TrainingError(f"training diverged at step {at}: {what} is not finite; lower {setting} or "
+                             f"--lr-scale (largest rate now {top:g}){clip}")
 
     done = False
     while not done:
