@@ -382,8 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--search-epochs", type=float, default=2.0, help="search passes over D_w")
     # Defaults of the main job: sized so that search + retrain + plots take a few minutes on
     # 2 CPU cores (see README); pass 0 to --max-train-samples / --max-eval-samples for all data.
+    # Mean pooling here: on 2,000 examples all-MiniLM-L6-v2's own read-out (mean pooling, which it
+    # was trained with) scores 0.810 test accuracy against 0.778 for its pooler (README).
     sp.set_defaults(model="minilm", max_train_samples=2000, max_eval_samples=500, epochs=2.0, lr=3e-3,
-                    head_lr=1e-2, w_lr=3e-3)
+                    head_lr=1e-2, w_lr=3e-3, pooling="mean")
     sp.add_argument("--compare", action="store_true", help="also train a random structure and BitFit of the same budget")
     sp.add_argument("--out", required=True)
     overwrite(sp)

@@ -201,3 +201,14 @@ def test_peft_methods_refuse_multiple_choice():
 
     with pytest.raises(TaskError, match="sequence classification"):
         build("peft-lora-all-r1", "tiny-bert", get_card("copa"), None, total_steps=10)
+
+
+def test_main_job_reads_out_by_mean_pooling_and_the_stages_by_the_models_pooler():
+    from s3pet.cli import _search_cfg, _train_cfg, build_parser
+
+    p = build_parser()
+    run = p.parse_args(["run", "--out", "x"])
+    assert _train_cfg(run).pooling == "mean" and _search_cfg(run).pooling == "mean"
+    base = p.parse_args(["baseline", "--method", "bitfit", "--budget", "1k", "--task", "t", "--out", "x"])
+    assert _train_cfg(base).pooling == "auto"
+    assert _train_cfg(p.parse_args(["run", "--out", "x", "--pooling", "pooler"])).pooling == "pooler"
