@@ -164,7 +164,7 @@ def cmd_retrain(args) -> int:
     from s3pet.pipeline import retrain
 
     _print_metrics(retrain(args.structure, args.task, args.out, _train_cfg(args), model=args.model,
-                           data_dir=args.data_dir, overwrite=args.overwrite))
+                           data_dir=args.data_dir, overwrite=args.overwrite, resume=args.resume))
     return 0
 
 
@@ -349,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--structure", required=True)
     sp.add_argument("--task", required=True)
     sp.add_argument("--out", required=True)
+    sp.add_argument("--resume", action="store_true",
+                    help="continue a killed retrain from its checkpoint (OUT/train.pt, written at every validation)")
     overwrite(sp)
     sp.set_defaults(func=cmd_retrain)
 

@@ -193,17 +193,22 @@ def _save_delta(path: Path, named: dict[str, torch.Tensor]) -> None:
 
 def train_structure(structure: S.Structure | None, task: str, model: str, out: str | Path, cfg: TrainConfig,
                     data_dir: str | None = None, stage: str = "retrain", extra_config: dict | None = None,
-                    on_eval=None, overwrite: bool = False, extra_metrics: dict | None = None) -> dict:
+                    on_eval=None, overwrite: bool = False, extra_metrics: dict | None = None,
+                    resume: bool = False) -> dict:
     """Train a structure (or every weight when ``structure`` is None: full fine-tuning) from
     scratch on a fresh backbone; best checkpoint on validation, reported on test.
     ``on_eval(step, metrics)`` is passed to ``fit`` (called after each validation);
-    ``overwrite`` replaces a finished run in ``out``; ``extra_metrics`` are added to metrics.json."""
-    out = rundir.check(out, overwrite=overwrite)
+    ``overwrite`` replaces a finished run in ``out``; ``extra_metrics`` are added to metrics.json;
+    ``resume`` continues a killed run from ``out/train.pt`` (written at every validation; the
+    settings must be the first start's) and ends as the uninterrupted run would."""
+    out = rundir.check(out, overwrite=overwrite, resume=resume)
     full = structure is None
     config = {"command": stage, "model": model, "task": task, "data_dir": data_dir, "train": asdict(cfg),
               "versions": versions(), **(extra_config or {})}
     if structure is not None:
         config["structure"] = structure.to_dict()
+    if resume:
+        _check_train_resume(out, config)
     device = resolve_device(cfg.device)
     backbone = load_backbone(model, seed=cfg.seed)
     check_max_length(backbone, cfg.max_length)
@@ -227,11 +232,13 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
     n_pet = n_trainable - n_head
     if structure is not None and n_pet != structure.n_params:
         raise StructureError(f"built {n_pet} PET parameters but the structure lists {structure.n_params}")
-    with rundir.RunDir(out, overwrite=overwrite):
-        if structure is not None:
-            structure.save(out / "structure.json")
-        write_json(out / "config.json", config)
-        res = fit(tm, groups, enc, cfg, out, full=full, on_eval=on_eval, rates=rates)
+    with rundir.RunDir(out, overwrite=overwrite, resume=resume):
+        if not resume:
+            if structure is not None:
+                structure.save(out / "structure.json")
+            write_json(out / "config.json", config)
+        res = fit(tm, groups, enc, cfg, out, full=full, on_eval=on_eval, rates=rates, checkpoint=out / "train.pt",
+                  resume=resume)
         named = {f"head.{k}": v for k, v in tm.head.state_dict().items()}
         if full:
             named.update({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
@@ -248,17 +255,38 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
                             "gpu_hours": gpu_hours(res.seconds, device),
                             "machine": _machine(device)}, **(extra_metrics or {})}
         write_json(out / "metrics.json", metrics)  # last: its presence marks the run finished
+        (out / "train.pt").unlink(missing_ok=True)  # finished: nothing to resume
     return metrics
 
 
+_TRAIN_RESUME_FREE = ("device", "progress", "compile", "eval_batch_size")
+
+
+def _check_train_resume(out: Path, config: dict) -> None:
+    """ConfigError unless a retrain/baseline ``--resume`` repeats the run in ``out``."""
+    try:
+        old = read_json(out / "config.json")
+        old_train = dict(old["train"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--resume: {out / 'config.json'} is not a training run's config ({type(e).__name__}); "
+                          f"start afresh without --resume") from e
+    diff = [k for k in ("command", "model", "task", "structure") if old.get(k) != config.get(k)]
+    diff += [f"train.{k}" for k, v in config["train"].items() if k not in _TRAIN_RESUME_FREE and old_train.get(k) != v]
+    if diff:
+        raise ConfigError(f"--resume: {out} was started with other settings ({', '.join(diff)}); repeat the "
+                          f"original settings or start a new --out")
+
+
 def retrain(structure_path: str | Path, task: str, out: str | Path, cfg: TrainConfig | None = None,
-            model: str | None = None, data_dir: str | None = None, overwrite: bool = False) -> dict:
-    """Retrain a structure file on a task (on its own base model unless ``model`` is given)."""
+            model: str | None = None, data_dir: str | None = None, overwrite: bool = False,
+            resume: bool = False) -> dict:
+    """Retrain a structure file on a task (on its own base model unless ``model`` is given);
+    ``resume`` continues a killed retrain in ``out``."""
     st = S.load(structure_path)
     model = model or st.base_model.get("name_or_path")
     if not model:
         raise StructureError(f"{structure_path}: base_model.name_or_path is empty; pass --model")
-    return train_structure(st, task, model, out, cfg or TrainConfig(), data_dir, overwrite=overwrite)
+    return train_structure(st, task, model, out, cfg or TrainConfig(), data_dir, overwrite=overwrite, resume=resume)
 
 
 def evaluate_run(run_dir: str | Path, task: str | None = None, data_dir: str | None = None,

@@ -36,7 +36,7 @@ LOCK = ".s3pet.lock"
 # Files a stage writes into its folder; a new (not resumed) run removes an older run's copies,
 # so a new config.json never stands beside old weights.
 RUN_FILES = ("config.json", "history.jsonl", "metrics.json", "structure.json", "alphas.csv", "search.pt",
-             "delta.safetensors", "summary.json")
+             "delta.safetensors", "summary.json", "train.pt")
 
 
 def holder(out: Path) -> int | None:

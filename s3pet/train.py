@@ -231,6 +231,43 @@ class TrainResult:
     history: list = field(default_factory=list)
 
 
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """Write a training checkpoint atomically (a kill leaves the previous one whole)."""
+    import io
+
+    from s3pet.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by ``save_checkpoint``; ConfigError naming the file if it is unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a foreign or damaged file: pickle, zip or torch errors
+        raise ConfigError(f"{path} is not a readable training checkpoint ({type(e).__name__}); "
+                          f"start again without --resume") from e
+
+
+def keep_history_until(path: Path, step: int) -> None:
+    """Drop history lines after ``step`` (and a line torn by a kill): a resumed run writes them again."""
+    import json
+
+    from s3pet.io import atomic_write_text
+
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    atomic_write_text(path, "".join(x + "\n" for x in keep))
+
+
 def planned_steps(cfg: TrainConfig, n_train: int) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps) of a run over ``n_train`` examples."""
     per_epoch = D.n_batches(n_train, cfg.batch_size, world=dist.world_size()) // cfg.grad_accum
@@ -240,7 +277,8 @@ def planned_steps(cfg: TrainConfig, n_train: int) -> tuple[int, int]:
 def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTask, cfg: TrainConfig,
         run_dir: str | Path | None = None, full: bool = False,
         on_eval: Callable[[int, dict], None] | None = None, rates: dict[str, float] | None = None,
-        after_step: Callable[[int], None] | None = None) -> TrainResult:
+        after_step: Callable[[int], None] | None = None, checkpoint: str | Path | None = None,
+        resume: bool = False) -> TrainResult:
     """Train the given parameter groups, keep the best validation state, report test there.
 
     ``groups`` maps a name ("kind:lora", "deltas", "head", "backbone") to parameters; everything
@@ -249,8 +287,10 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
     when ``full``). ``on_eval(step, metrics)`` is called after each validation (e.g. to report
     to a pruner); an exception raised there stops training and propagates. ``after_step(step)``
     runs after each optimizer step, before the gradients are cleared, with the
-    0-based step index (e.g. AdaLoRA's rank allocator). Returns the best validation metrics
-    and the test metrics of that checkpoint.
+    0-based step index (e.g. AdaLoRA's rank allocator). ``checkpoint``: a file written
+    (atomically) after every validation with all that is needed to continue; with ``resume``
+    the run continues from it and ends as the uninterrupted run would. Returns the best
+    validation metrics and the test metrics of that checkpoint.
     """
     device = resolve_device(cfg.device)
     model.to(device)
@@ -279,15 +319,32 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
     sched = linear_schedule(opt, total, int(cfg.warmup_ratio * total))
     eval_every = cfg.eval_every or per_epoch
     hist_path = Path(run_dir) / "history.jsonl" if run_dir and dist.is_main() else None
-    if hist_path and hist_path.exists():
-        hist_path.unlink()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     best, best_state, best_step, bad = None, None, 0, 0
     step, epoch, t0 = 0, 0, time.perf_counter()
+    if resume and checkpoint is not None and Path(checkpoint).is_file():
+        state = load_checkpoint(checkpoint)
+        with torch.no_grad():
+            for p, v in zip(trainable, state["trainable"], strict=True):
+                p.copy_(v)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        best, best_step, bad, step = state["best"], state["best_step"], state["bad"], state["step"]
+        best_state = [v.to(device) for v in state["best_state"]] if state["best_state"] is not None else None
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        epoch = step // per_epoch
+        if hist_path:
+            keep_history_until(hist_path, step)
+        log.info("resuming training at step %d of %d", step, total)
+    elif hist_path and hist_path.exists():
+        hist_path.unlink()
+    skip = (step - epoch * per_epoch) * cfg.grad_accum  # micro-batches of the current epoch already done
     model.train()
-    bar = tqdm(total=total, desc="train", disable=not cfg.progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="train", disable=not cfg.progress, leave=False, dynamic_ncols=True)
     running = torch.zeros((), device=device)
     compiled = accel.Compiled(model, accel.wanted(cfg.compile, device, total))
 
@@ -316,7 +373,7 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
         micro = 0
         epoch_batches = D.batches(task.train, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed,
                                   epoch=epoch, shard=shard)
-        for batch in itertools.islice(epoch_batches, per_epoch * cfg.grad_accum):
+        for batch in itertools.islice(epoch_batches, skip, per_epoch * cfg.grad_accum):
             running += compiled.run(micro_step, D.to_device(batch, device))
             micro += 1
             if micro % cfg.grad_accum:
@@ -357,10 +414,18 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
                 if cfg.patience and bad >= cfg.patience:
                     log.info("early stop at step %d (no improvement in %d validations)", step, bad)
                     done = True
+                if checkpoint is not None and not done and step < total:
+                    save_checkpoint(checkpoint, {
+                        "step": step, "trainable": [p.detach().cpu() for p in trainable], "opt": opt.state_dict(),
+                        "sched": sched.state_dict(), "best": best, "best_step": best_step, "bad": bad,
+                        "best_state": [v.cpu() for v in best_state] if best_state is not None else None,
+                        "rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
             if step >= total or done:
                 done = True
                 break
         epoch += 1
+        skip = 0
     bar.close()
     compiled.close()
     if best_state is not None:

@@ -152,3 +152,50 @@ def test_a_second_process_on_the_same_out_is_refused_with_the_holders_pid(task, 
         proc.wait()
         proc.stderr.close()
     assert (out / "history.jsonl").exists()  # the refused process touched nothing of the holder's
+
+
+def test_killed_retrain_resumes_to_the_uninterrupted_result(task, tmp_path, caplog):
+    structure = tmp_path / "s"
+    assert main([*SEARCH[:5], "--max-steps", "2", "--batch-size", "8", "--no-progress", "--task", task,
+                 "--out", str(structure)]) == 0
+    out = tmp_path / "retrain"
+    argv = ["retrain", "--structure", str(structure / "structure.json"), "--task", task, "--out", str(out),
+            "--batch-size", "8", "--eval-every", "3", "--max-steps", "60", "--max-eval-samples", "8",
+            "--no-progress", "--device", "cpu"]
+    proc = _start(argv)
+    _kill_when(proc, lambda: (out / "train.pt").exists() and _history_lines(out / "history.jsonl") >= 12)
+    assert_whole(out)
+    at = torch.load(out / "train.pt", weights_only=False)["step"]
+    assert at >= 3
+    with caplog.at_level("INFO", logger="s3pet.train"):
+        assert main([*argv, "--resume"]) == 0
+    assert f"resuming training at step {at} of 60" in caplog.text  # continued, not started again
+    assert not (out / "train.pt").exists()  # finished: nothing left to resume
+    ref = tmp_path / "ref"
+    assert main([*argv[:6], str(ref), *argv[7:]]) == 0
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (out, ref))
+    assert (got["steps"], got["best_step"], got["validation"], got["test"]) == (
+        want["steps"], want["best_step"], want["validation"], want["test"])
+    a, b = load_file(str(out / "delta.safetensors")), load_file(str(ref / "delta.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x).get("step") for x in (out / "history.jsonl").read_text().splitlines()]
+    ref_steps = [json.loads(x).get("step") for x in (ref / "history.jsonl").read_text().splitlines()]
+    assert steps == ref_steps  # the history is the uninterrupted run's, no line twice
+
+
+def test_retrain_resume_must_repeat_the_settings(task, tmp_path, capsys):
+    structure = tmp_path / "s"
+    assert main([*SEARCH[:5], "--max-steps", "2", "--batch-size", "8", "--no-progress", "--task", task,
+                 "--out", str(structure)]) == 0
+    out = tmp_path / "retrain"
+    argv = ["retrain", "--structure", str(structure / "structure.json"), "--task", task, "--out", str(out),
+            "--batch-size", "8", "--eval-every", "3", "--no-progress", "--device", "cpu"]
+    proc = _start([*argv, "--max-steps", "400"])
+    _kill_when(proc, lambda: (out / "train.pt").exists())
+    capsys.readouterr()
+    assert main([*argv, "--max-steps", "300", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "max_steps" in err and "--resume" in err
+    (out / "train.pt").write_bytes(b"not a checkpoint")
+    assert main([*argv, "--max-steps", "400", "--resume"]) == 2
+    assert "train.pt is not a readable training checkpoint" in capsys.readouterr().err
