@@ -268,3 +268,18 @@ def test_killed_search_with_every_option_resumes_to_the_same_structure(tmp_path,
     search("tiny-bert", task, "s3pet-m", "800", tmp_path / "b", cfg, resume=True)
     for name in ("alphas.csv", "structure.json"):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text(), name
+
+
+def test_every_option_is_a_flag_of_search_and_run():
+    from s3pet.cli import _search_cfg, build_parser
+
+    flags = ["--temperature-final", "0.2", "--gates", "hard-concrete", "--warmup-steps", "5", "--alpha-init",
+             "sensitivity", "--alpha-init-scale", "2", "--sensitivity-batches", "3", "--selector", "sensitivity",
+             "--alpha-accum", "4", "--restarts", "3"]
+    want = dict(temperature_final=0.2, gates="hard-concrete", warmup_steps=5, alpha_init="sensitivity",
+                alpha_init_scale=2.0, sensitivity_batches=3, selector="sensitivity", alpha_accum=4, restarts=3)
+    for argv in (["search", "--task", "t", "--budget", "1k", "--out", "o"], ["run", "--out", "o"]):
+        cfg = _search_cfg(build_parser().parse_args(argv + flags))
+        assert {k: getattr(cfg, k) for k in want} == want, argv[0]
+        plain = _search_cfg(build_parser().parse_args(argv))
+        assert {k: getattr(plain, k) for k in want} == {k: getattr(SearchConfig(), k) for k in want}
