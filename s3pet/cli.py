@@ -131,7 +131,7 @@ def _search_cfg(args, **over):
     names = ("order", "epochs", "max_steps", "batch_size", "w_lr", "alpha_lr", "head_lr", "grad_clip", "beta",
              "temperature", "controller", "select", "eval_every", "max_length", "seed", "device", "precision",
              "max_train_samples", "max_eval_samples", "l0_weight", "xi", "compile", "pooling",
-             "temperature_final", "gates", "warmup_steps", "alpha_init", "alpha_init_scale", "sensitivity_batches",
+             "temperature_final", "gates", "warmup_steps", "warmup_epochs", "alpha_init", "alpha_init_scale", "sensitivity_batches",
              "selector", "alpha_accum", "restarts")
     d = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if getattr(args, "hard", False):
@@ -327,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--warmup-steps", type=int, default=None,
                        help="steps that train only the PET modules and head, gates fixed at p, before any "
                             "alpha step (default 0)")
+        q.add_argument("--warmup-epochs", type=float, default=None,
+                       help="the warm-up in passes over D_w instead of steps (default 0)")
         q.add_argument("--alpha-init", choices=["zero", "sensitivity"], default=None,
                        help="after the warm-up, set alpha from each candidate's |gate x dL/dgate| "
                             "(default zero; sensitivity needs --warmup-steps)")

@@ -60,6 +60,7 @@ class SearchConfig:
     hard: bool = False  # straight-through hard gates in training steps (concrete gates only)
     gates: str = "concrete"  # concrete | hard-concrete (exact 0s and 1s) | deterministic (z = p): training gates
     warmup_steps: int = 0  # w-only steps, gates fixed at p, before any alpha step: fresh LoRA B, BitFit, LNFit are 0
+    warmup_epochs: float = 0.0  # the same warm-up in passes over D_w (one length across task sizes); 0 = steps
     alpha_init: str = "zero"  # zero | sensitivity: after the warm-up, alpha from each candidate's |z dL/dz|
     alpha_init_scale: float = 1.0  # sensitivity: alpha = scale * standardised log score (the spread of the logits)
     sensitivity_batches: int = 8  # D_alpha batches the sensitivity score averages over (noise of one batch)
@@ -108,14 +109,18 @@ class SearchConfig:
             raise ConfigError(f"hard (straight-through) applies to concrete gates only, not {self.gates!r}")
         if self.temperature_final < 0:
             raise ConfigError(f"temperature_final must be >= 0 (0 = no annealing), got {self.temperature_final}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_steps < 0 or self.warmup_epochs < 0:
+            raise ConfigError(f"warmup_steps and warmup_epochs must be >= 0, got {self.warmup_steps}, "
+                              f"{self.warmup_epochs}")
+        if self.warmup_steps and self.warmup_epochs:
+            raise ConfigError("give warmup_steps or warmup_epochs, not both")
         for name, allowed in (("alpha_init", ("zero", "sensitivity")), ("selector", ("search", "sensitivity"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-            if getattr(self, name) == "sensitivity" and self.warmup_steps == 0:
+            if getattr(self, name) == "sensitivity" and not (self.warmup_steps or self.warmup_epochs):
                 # Fresh LoRA B, BitFit and LNFit deltas are 0, so every gate gradient is 0 before training.
-                raise ConfigError(f"{name}=sensitivity needs warmup_steps > 0: untrained deltas have no sensitivity")
+                raise ConfigError(f"{name}=sensitivity needs a warm-up (warmup_steps or warmup_epochs): "
+                                  "untrained deltas have no sensitivity")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchConfig":
@@ -370,7 +375,7 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
     world, shard = dist.world_size(), (dist.rank(), dist.world_size())
     nb_w = max(1, D.n_batches(len(d_w), cfg.batch_size, world=world))
     nb_a = max(1, D.n_batches(len(d_a), cfg.batch_size, world=world))
-    warm = cfg.warmup_steps
+    warm = cfg.warmup_steps or math.ceil(cfg.warmup_epochs * nb_w)
     n_bilevel = 0 if cfg.selector == "sensitivity" else cfg.max_steps or max(1, math.ceil(cfg.epochs * nb_w))
     total = warm + n_bilevel
     eval_every = cfg.eval_every or max(1, nb_w // 2)

@@ -172,7 +172,7 @@ def test_sensitivity_of_the_warmed_up_supernet_picks_the_planted_sites():
 def test_invalid_options_are_refused():
     for kw in ({"gates": "gumbel"}, {"gates": "deterministic", "hard": True}, {"warmup_steps": -1},
                {"alpha_init": "sensitivity"}, {"selector": "sensitivity"}, {"selector": "magic", "warmup_steps": 1},
-               {"alpha_accum": 0}, {"restarts": 0}, {"temperature_final": -0.5}, {"alpha_init_scale": 0}):
+               {"alpha_accum": 0}, {"restarts": 0}, {"warmup_steps": 2, "warmup_epochs": 1.0}, {"temperature_final": -0.5}, {"alpha_init_scale": 0}):
         with pytest.raises(ConfigError):
             SearchConfig(**kw)
     SearchConfig(alpha_init="sensitivity", warmup_steps=1)  # with a warm-up it is fine
@@ -230,6 +230,14 @@ def test_sensitivity_selector_takes_no_alpha_step(tmp_path):
     rows = (out / "alphas.csv").read_text().splitlines()[1:]
     alphas = [float(r.split(",")[8]) for r in rows]
     assert len(set(alphas)) > 1  # ranked by the score, not all tied at 0
+    _within_budget(out)
+
+
+def test_warm_up_in_epochs_counts_passes_over_d_w(tmp_path):
+    out = tmp_path / "run"  # 96 examples: D_w holds 48, 6 batches of 8; half an epoch is 3 steps
+    search("tiny-bert", _toy(tmp_path), "s3pet-m", "800", out, _cfg(warmup_epochs=0.5, max_steps=2))
+    recs = [r for r in _history(out) if "loss_w" in r]
+    assert [r["phase"] for r in recs] == ["warmup"] * 3 + ["bilevel"] * 2
     _within_budget(out)
 
 
