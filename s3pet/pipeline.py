@@ -241,13 +241,6 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
                "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
                         "gpu_hours": gpu_hours(res.seconds, device),
                         "machine": _machine(device)}}
-    if cfg.restarts > 1:
-        metrics["restarts"] = [{"seed": cfg.seed + k, "validation_soft_gates": r.best_validation,
-                                "best_step": r.best_step, "steps": r.steps, "seconds": round(r.seconds, 2)}
-                               for k, r in enumerate(results)]
-        metrics["cost"]["seconds"] = round(sum(r.seconds for r in results), 2)
-        metrics["cost"]["gpu_hours"] = gpu_hours(sum(r.seconds for r in results), device)
-        metrics["cost"]["peak_memory_mb"] = round(max(r.peak_memory_mb for r in results), 1)
     write_json(out / "metrics.json", metrics)
     return metrics
 

@@ -4,7 +4,13 @@ Each step: (1) an alpha step on a D_alpha batch, (2) a w step (PET modules and h
 batch; D_w and D_alpha are a seeded 50/50 split of the training set. First order uses
 dL_alpha(w, alpha)/dalpha. Second order takes a *virtual* step w' = w - xi grad_w L_w on the PET
 and head parameters only (``torch.func.functional_call``; no copy of the model) and corrects
-with a finite difference of dL_w/dalpha at w +- eps grad_w' L_alpha(w', alpha).
+with a finite difference of dL_w/dalpha at w +- eps grad_w' L_alpha(w', alpha). The supernet
+forms every gate; the shift is solved once per alpha update.
+
+Options of the recipe (``SearchConfig``, all off by default): a warm-up of w-only steps with
+the gates fixed at p; logits initialised from the warmed-up sensitivity |z dL/dz| or that score
+alone as the selector; temperature annealing; hard-concrete or deterministic gates; alpha
+gradients averaged over micro-batches; restarts (looped by ``pipeline.search``).
 
 The search checkpoint (``search.pt``) holds every state needed to continue: PET weights,
 head, logits, both optimisers and schedules, the shift, the step and all random states. A
@@ -313,8 +319,7 @@ class BiLevel:
         score = torch.zeros(sn.alpha.shape, dtype=torch.float64, device=sn.alpha.device)
         k = 0
         for batch in batches:
-            z = sn.gate_probs().detach().requires_grad_(True)
-            sn.deltaset.z = z
+            z = sn.probe_gates()
             (g,) = torch.autograd.grad(self._loss(batch), [z])
             score += (z * g).detach().abs().double()
             k += 1

@@ -158,6 +158,13 @@ class Supernet(nn.Module):
         self.deltaset.z = p
         return p
 
+    def probe_gates(self) -> Tensor:
+        """Install z = p as a leaf tensor that requires grad and return it (dL/dz per candidate:
+        the sensitivity score)."""
+        z = self.gate_probs().detach().requires_grad_(True)
+        self.deltaset.z = z
+        return z
+
     def expected_gates(self) -> Tensor:
         """Install the deterministic gates p (evaluation); returns p."""
         p = self.gate_probs()

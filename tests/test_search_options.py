@@ -291,3 +291,13 @@ def test_every_option_is_a_flag_of_search_and_run():
         assert {k: getattr(cfg, k) for k in want} == want, argv[0]
         plain = _search_cfg(build_parser().parse_args(argv))
         assert {k: getattr(plain, k) for k in want} == {k: getattr(SearchConfig(), k) for k in want}
+
+
+def test_the_search_loop_forms_no_gates_of_its_own():
+    import inspect
+
+    import s3pet.search
+
+    src = inspect.getsource(s3pet.search)
+    for name in ("torch.sigmoid(", "gate_logits(", "deltaset.z", "concrete_sample("):
+        assert name not in src, name  # the supernet (through budget's functions) owns that
