@@ -26,7 +26,8 @@ structure), ``random`` (a random structure of s3pet-m, a different one per seed)
 ``lora-all``, ``adapter``, ``bitfit``, ``lnfit`` (hand-designed, sized to the budget), ``full``
 (every weight), ``optuna`` (Optuna/TPE over s3pet-m, ``--optuna-trials`` retrains), and the
 references run through peft itself: ``peft-lora-r8-qv``, ``peft-lora-all-r1`` (fixed shapes)
-and ``adalora`` (sized to the budget).
+and ``adalora`` (sized to the budget). Search ablations (``ABLATIONS``: s3pet-m with search
+options changed, e.g. ``s3pet-warmup``, ``s3pet-sens-select``) run only when named.
 """
 
 from __future__ import annotations
@@ -47,9 +48,25 @@ from pathlib import Path
 TASKS = ("rte", "mrpc", "cola", "stsb", "sst2", "cb")
 SMALL = ("rte", "cb")  # the tasks whose scores swing most between seeds: more seeds
 BUDGETS = ("0.01%", "0.1%", "1%")
-METHODS = ("s3pet-m", "unified", "random", "lora", "lora-all", "adapter", "bitfit", "lnfit", "full", "optuna",
-           "peft-lora-r8-qv", "peft-lora-all-r1", "adalora")
-SEARCH_METHODS = ("s3pet-m", "unified")
+#: search ablations: the s3pet-m space with SearchConfig overrides (``epochs_factor`` multiplies
+#: the search length); paired with s3pet-m on the same seeds. Not run on a GPU yet.
+ABLATIONS = {
+    "s3pet-warmup": {"warmup_epochs": 1.0},  # PET weights and head first, gates fixed
+    "s3pet-sens-init": {"warmup_epochs": 1.0, "alpha_init": "sensitivity"},  # alpha from |z dL/dz|
+    "s3pet-sens-select": {"warmup_epochs": 1.0, "selector": "sensitivity"},  # the score alone, no search
+    "s3pet-anneal": {"temperature_final": 0.1},  # concrete temperature 1 -> 0.1
+    "s3pet-hard-concrete": {"gates": "hard-concrete"},  # exact 0/1 gates
+    "s3pet-deterministic": {"warmup_epochs": 1.0, "gates": "deterministic"},  # z = p after the warm-up
+    "s3pet-accum4": {"alpha_accum": 4},  # 4 D_alpha batches per alpha step
+    "s3pet-restarts3": {"restarts": 3},  # 3 searches averaged ...
+    "s3pet-long3": {"epochs_factor": 3.0},  # ... against one search 3x as long
+    "s3pet-second": {"order": "second", "epochs_factor": 1 / 2.8},  # equal wall time: 2.8x per step (benchmarks.md)
+    "s3pet-recipe": {"warmup_epochs": 1.0, "alpha_init": "sensitivity", "temperature_final": 0.1, "alpha_accum": 4},
+}
+DEFAULT_METHODS = ("s3pet-m", "unified", "random", "lora", "lora-all", "adapter", "bitfit", "lnfit", "full",
+                   "optuna", "peft-lora-r8-qv", "peft-lora-all-r1", "adalora")
+METHODS = DEFAULT_METHODS + tuple(ABLATIONS)  # ablations run only when named in --methods
+SEARCH_METHODS = ("s3pet-m", "unified") + tuple(ABLATIONS)
 FIXED_SHAPE = ("full", "peft-lora-r8-qv", "peft-lora-all-r1")  # budget-independent: one row in every table
 #: epochs and max length per task, as the reference recipe sets them
 RECIPE = {"rte": (10, 256), "mrpc": (10, 128), "cola": (10, 128), "stsb": (10, 128), "sst2": (2, 128),
@@ -152,6 +169,19 @@ def train_config(args, task: str, seed: int, scale: float):
                        eval_every=0, patience=0, compile="off", pooling=args.pooling)
 
 
+def search_config(args, method: str, task: str, seed: int):
+    """The SearchConfig of a search method: the grid's settings, then the ablation's overrides."""
+    from s3pet.search import SearchConfig
+
+    epochs, max_len = recipe(args, task)
+    over = dict(ABLATIONS.get(method, {}))
+    factor = over.pop("epochs_factor", 1.0)
+    return SearchConfig(**{"epochs": float(args.search_epochs or epochs) * factor, "batch_size": 32,
+                           "w_lr": args.w_lr, "alpha_lr": args.alpha_lr, "seed": seed,
+                           "max_train_samples": args.max_train_samples, "max_length": max_len, "progress": False,
+                           "compile": "off", "pooling": args.pooling, **over})
+
+
 def run_job(job: dict, args_dict: dict) -> list[dict]:
     """One (task, method, budget, seed) in a worker process: the search (if any) once, then one
     training per lr multiplier in ``job['scales']``; each writes its result.json."""
@@ -159,7 +189,6 @@ def run_job(job: dict, args_dict: dict) -> list[dict]:
     import transformers
 
     from s3pet.pipeline import baseline, retrain, search
-    from s3pet.search import SearchConfig
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -170,14 +199,11 @@ def run_job(job: dict, args_dict: dict) -> list[dict]:
     base.mkdir(parents=True, exist_ok=True)
     recs, structure, search_cost, err = [], None, None, None
     try:
-        epochs, max_len = recipe(args, task)
         if method in SEARCH_METHODS:
-            scfg = SearchConfig(epochs=float(args.search_epochs or epochs), batch_size=32, w_lr=args.w_lr,
-                                alpha_lr=args.alpha_lr, seed=seed, max_train_samples=args.max_train_samples,
-                                max_length=max_len, progress=False, compile="off", pooling=args.pooling)
+            scfg = search_config(args, method, task, seed)
+            space = "s3pet-m" if method in ABLATIONS else method
             if not (base / "search" / "structure.json").is_file():
-                # A search without structure.json is redone from scratch: replace what a killed attempt left.
-                sm = search(args.model, task, method, budget, base / "search", scfg, data_dir=args.data_dir,
+                sm = search(args.model, task, space, budget, base / "search", scfg, data_dir=args.data_dir,
                             overwrite=True)
             else:
                 sm = json.loads((base / "search" / "metrics.json").read_text())
@@ -444,7 +470,7 @@ def parse(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--budgets", default=",".join(BUDGETS))
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="also: " + ", ".join(ABLATIONS))
     p.add_argument("--seeds", default="0,1,2", help="seeds of every task but the small ones")
     p.add_argument("--small-seeds", default="0,1,2,3,4", help=f"seeds of {', '.join(SMALL)}")
     p.add_argument("--lr-grid", default="0.5,1,2", help="multipliers of each kind's known-good learning rate")

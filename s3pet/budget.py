@@ -315,9 +315,22 @@ def gate_entropy(p: torch.Tensor) -> torch.Tensor:
     return -(torch.special.xlogy(p, p) + torch.special.xlogy(q, q)).mean()
 
 
+def logistic_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logit u for u ~ U(0, 1), shaped like ``like`` (same dtype and device).
+
+    Drawn once and passed as ``noise`` to the samplers, one draw serves several passes of a
+    step (the second-order estimate differentiates one function of alpha).
+    """
+    eps = torch.finfo(like.dtype).eps
+    u = torch.rand(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    u = u.clamp(eps, 1 - eps)  # logit(0) and logit(1) are infinite
+    return u.log() - torch.log1p(-u)
+
+
 def concrete_sample(alpha: torch.Tensor, shift: torch.Tensor, beta: float = 1.0,
                     temperature: float = 1.0, hard: bool = False,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None,
+                    noise: torch.Tensor | None = None) -> torch.Tensor:
     """Binary-concrete gates z = sigmoid((logit p + logit u) / T), u ~ U(0, 1).
 
     Args:
@@ -326,6 +339,7 @@ def concrete_sample(alpha: torch.Tensor, shift: torch.Tensor, beta: float = 1.0,
         temperature: relaxation temperature T (> 0).
         hard: straight-through gates: forward exactly 1[z > 0.5], backward through z.
         generator: random generator on alpha's device, for reproducible samples.
+        noise: logit u from ``logistic_noise`` (then ``generator`` is unused).
     Returns:
         Tensor like alpha, in (0, 1) (soft; may round to 0/1 at saturated logits) or {0, 1}.
     Raises:
@@ -333,15 +347,72 @@ def concrete_sample(alpha: torch.Tensor, shift: torch.Tensor, beta: float = 1.0,
     """
     if not temperature > 0:
         raise ConfigError(f"temperature must be positive, got {temperature!r}")
-    eps = torch.finfo(alpha.dtype).eps
-    u = torch.rand(alpha.shape, generator=generator, device=alpha.device, dtype=alpha.dtype)
-    u = u.clamp(eps, 1 - eps)  # logit(0) and logit(1) are infinite
-    z = torch.sigmoid((gate_logits(alpha, shift, beta) + (u.log() - torch.log1p(-u)))
-                      / temperature)
+    if noise is None:
+        noise = logistic_noise(alpha, generator)
+    z = torch.sigmoid((gate_logits(alpha, shift, beta) + noise) / temperature)
     if not hard:
         return z
     # h + (z - z) is exactly h in the forward pass and carries z's gradient backward.
     return (z > 0.5).to(z.dtype) + (z - z.detach())
+
+
+#: the stretch interval (gamma, zeta) of hard-concrete gates (Louizos et al., 2018)
+STRETCH = (-0.1, 1.1)
+
+
+def hard_concrete_sample(alpha: torch.Tensor, shift: torch.Tensor, beta: float = 1.0,
+                         temperature: float = 1.0, generator: torch.Generator | None = None,
+                         noise: torch.Tensor | None = None,
+                         stretch: tuple[float, float] = STRETCH) -> torch.Tensor:
+    """Hard-concrete gates: a binary-concrete sample stretched to (gamma, zeta), clipped to [0, 1].
+
+    The clip gives exact 0s and 1s with positive probability (a closed gate contributes
+    nothing, an open one everything) while z stays differentiable in alpha where 0 < z < 1.
+
+    Args:
+        alpha, shift, beta, temperature, generator, noise: as in ``concrete_sample``.
+        stretch: (gamma, zeta) with gamma < 0 and zeta > 1.
+    Returns:
+        Tensor like alpha in [0, 1].
+    Raises:
+        ConfigError: temperature <= 0 or a stretch that does not contain [0, 1].
+    """
+    lo, hi = stretch
+    if not (lo < 0 and hi > 1):
+        raise ConfigError(f"stretch must satisfy gamma < 0 < 1 < zeta, got {stretch!r}")
+    s = concrete_sample(alpha, shift, beta, temperature, False, generator, noise)
+    return (s * (hi - lo) + lo).clamp(0, 1)
+
+
+def alpha_from_scores(score: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Logits from a non-negative importance score: scale * standardised log score (float64).
+
+    Scores span orders of magnitude, hence the log; standardising makes the spread of the
+    logits (and so how far the gates start from the budget share) independent of the loss
+    scale. Zero scores (a delta that never trained) take the smallest positive score, so they
+    rank last and stay finite; all-equal or all-zero scores give all-zero logits.
+
+    Args:
+        score: shape (N,), >= 0.
+        scale: standard deviation of the returned logits (> 0).
+    Returns:
+        float64 tensor of shape (N,) on score's device, monotone in the score.
+    Raises:
+        ConfigError: scale <= 0, or a negative or NaN score.
+    """
+    if not scale > 0:
+        raise ConfigError(f"scale must be positive, got {scale!r}")
+    s = score.detach().to(_F64).reshape(-1)
+    if torch.isnan(s).any() or (s < 0).any():
+        raise ConfigError("sensitivity scores must be non-negative numbers")
+    pos = s[s > 0]
+    if pos.numel() == 0:
+        return torch.zeros_like(s)
+    log = torch.maximum(s, pos.min()).log()
+    spread = log.std(unbiased=False) if log.numel() > 1 else log.new_zeros(())
+    if not spread > 0:
+        return torch.zeros_like(s)
+    return scale * (log - log.mean()) / spread
 
 
 # --- deriving ------------------------------------------------------------------------------

@@ -130,7 +130,9 @@ def _search_cfg(args, **over):
 
     names = ("order", "epochs", "max_steps", "batch_size", "w_lr", "alpha_lr", "head_lr", "grad_clip", "beta",
              "temperature", "controller", "select", "eval_every", "max_length", "seed", "device", "precision",
-             "max_train_samples", "max_eval_samples", "l0_weight", "xi", "compile", "pooling")
+             "max_train_samples", "max_eval_samples", "l0_weight", "xi", "compile", "pooling",
+             "temperature_final", "gates", "warmup_steps", "warmup_epochs", "alpha_init", "alpha_init_scale", "sensitivity_batches",
+             "selector", "alpha_accum", "restarts")
     d = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if getattr(args, "hard", False):
         d["hard"] = True
@@ -325,6 +327,33 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--temperature", type=float, default=None, help="binary-concrete temperature")
         q.add_argument("--hard", action="store_true", help="straight-through hard gates")
         q.add_argument("--xi", type=float, default=None, help="second-order virtual step (default w-lr)")
+        # The search recipe's options (SearchConfig's comments say why; defaults: the plain search).
+        q.add_argument("--temperature-final", type=float, default=None,
+                       help="anneal the concrete temperature geometrically to this over the bi-level steps "
+                            "(default 0: no annealing)")
+        q.add_argument("--gates", choices=["concrete", "hard-concrete", "deterministic"], default=None,
+                       help="training gates: binary concrete (default), hard concrete (stretched and clipped: "
+                            "exact 0s and 1s) or deterministic (z = p)")
+        q.add_argument("--warmup-steps", type=int, default=None,
+                       help="steps that train only the PET modules and head, gates fixed at p, before any "
+                            "alpha step (default 0)")
+        q.add_argument("--warmup-epochs", type=float, default=None,
+                       help="the warm-up in passes over D_w instead of steps (default 0)")
+        q.add_argument("--alpha-init", choices=["zero", "sensitivity"], default=None,
+                       help="after the warm-up, set alpha from each candidate's |gate x dL/dgate| "
+                            "(default zero; sensitivity needs --warmup-steps)")
+        q.add_argument("--alpha-init-scale", type=float, default=None,
+                       help="standard deviation of the sensitivity-initialised logits (default 1)")
+        q.add_argument("--sensitivity-batches", type=int, default=None,
+                       help="D_alpha batches the sensitivity score averages over (default 8)")
+        q.add_argument("--selector", choices=["search", "sensitivity"], default=None,
+                       help="search (default): the bi-level search ranks the candidates; sensitivity: the "
+                            "warmed-up sensitivity alone ranks them, no alpha steps (needs --warmup-steps)")
+        q.add_argument("--alpha-accum", type=int, default=None,
+                       help="D_alpha micro-batches averaged per alpha step (default 1)")
+        q.add_argument("--restarts", type=int, default=None,
+                       help="independent searches (seeds seed..seed+N-1) whose gate probabilities are averaged "
+                            "before the derivation (default 1)")
 
     sp = sub.add_parser("tasks", help="list the known tasks")
     sp.add_argument("--data-dir", default=None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -129,32 +129,64 @@ def search(model: str, task: str, space: str, budget: str | int, out: str | Path
                                 data_dir)
     if b >= total_space:
         log.warning("budget %d >= the whole space (%d params): every candidate fits, nothing to search", b, total_space)
-    torch.manual_seed(cfg.seed)
-    sn = Supernet(backbone, specs, b, beta=cfg.beta, temperature=cfg.temperature, hard=cfg.hard,
-                  controller=cfg.controller, l0_weight=cfg.l0_weight)
-    tm = TaskModel(backbone, td.card, tok, pooling=cfg.pooling)
-    root = SearchModel(sn, tm)
     with rundir.RunDir(out, resume=resume, overwrite=overwrite):
         if not resume or not (out / "config.json").exists():
             write_json(out / "config.json", config)
-        log.info("search: %s on %s, space %s (%d candidates, %d params), budget %d (%.4f%%)", model, task, space,
-                 sn.alpha.numel(), total_space, b, 100 * brec["fraction"])
-        res = run_search(root, enc, cfg, out, resume=resume)
+        results, probs, alphas = [], [], []
+        for k in range(cfg.restarts):
+            # Restarts: independent searches (seed + k, own D_w/D_alpha split) on the same data,
+            # each in restart<k>/ with its own history and checkpoint; their gate probabilities are
+            # averaged below before one derivation (as ``s3pet average`` does for separate runs).
+            kcfg = replace(cfg, seed=cfg.seed + k) if cfg.restarts > 1 else cfg
+            kout = out if cfg.restarts == 1 else out / f"restart{k}"
+            if k:  # a fresh backbone: the supernet hooks into it
+                backbone, _, specs, _, _ = space_on_model(model, space, budget, cfg.seed)
+            torch.manual_seed(kcfg.seed)
+            sn = Supernet(backbone, specs, b, beta=cfg.beta, temperature=cfg.temperature, hard=cfg.hard,
+                          gates=cfg.gates, controller=cfg.controller, l0_weight=cfg.l0_weight)
+            tm = TaskModel(backbone, td.card, tok, pooling=cfg.pooling)
+            root = SearchModel(sn, tm)
+            log.info("search: %s on %s, space %s (%d candidates, %d params), budget %d (%.4f%%)%s", model, task, space,
+                     sn.alpha.numel(), total_space, b, 100 * brec["fraction"],
+                     f", restart {k + 1} of {cfg.restarts}" if cfg.restarts > 1 else "")
+            if cfg.restarts > 1:
+                kout.mkdir(parents=True, exist_ok=True)
+                write_json(kout / "config.json", {**config, "search": asdict(kcfg), "restart": k})
+            res = run_search(root, enc, kcfg, kout, resume=resume)
+            sn.set_alpha(res.selected_alpha)
+            with torch.no_grad():
+                probs.append(sn.gate_probs().detach().double().cpu())
+                alphas.append(res.selected_alpha.detach().double().cpu())
+            if cfg.restarts > 1:
+                write_alphas_csv(kout / "alphas.csv", sn.candidate_rows())
+            results.append(res)
+        res = results[-1]
+        p_mean = torch.stack(probs).mean(0) if cfg.restarts > 1 else None
         with torch.no_grad():
-            sn.alpha.data.copy_(res.selected_alpha)
-            rows = sn.candidate_rows()
-            kept = sn.derive_specs(b)
+            if cfg.restarts > 1:  # mean logits only break ties in the mean probabilities
+                sn.set_alpha(torch.stack(alphas).mean(0).to(sn.alpha.dtype))
+            rows = sn.candidate_rows(p_mean)
+            kept = sn.derive_specs(b, p=p_mean)
         write_alphas_csv(out / "alphas.csv", rows)
         st = S.from_specs(kept, backbone, space_obj.name, brec,
                           {"task": task, "seed": cfg.seed, "select": cfg.select, "step": res.best_step
-                           if cfg.select == "best" else res.steps, "order": cfg.order, "controller": cfg.controller})
+                           if cfg.select == "best" else res.steps, "order": cfg.order, "controller": cfg.controller,
+                           **({"restarts": cfg.restarts} if cfg.restarts > 1 else {})})
         st.save(out / "structure.json")
+        device = resolve_device(cfg.device)
         metrics = {"stage": "search", "validation_soft_gates": res.best_validation, "best_step": res.best_step,
                    "steps": res.steps, "structure": {"n_params": st.n_params, "modules": len(st.modules),
                                                      "by_kind": st.counts_by_kind(), "budget": brec},
                    "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
                             "gpu_hours": gpu_hours(res.seconds, device),
                             "machine": _machine(device)}}
+        if cfg.restarts > 1:
+            metrics["restarts"] = [{"seed": cfg.seed + k, "validation_soft_gates": r.best_validation,
+                                    "best_step": r.best_step, "steps": r.steps, "seconds": round(r.seconds, 2)}
+                                   for k, r in enumerate(results)]
+            metrics["cost"]["seconds"] = round(sum(r.seconds for r in results), 2)
+            metrics["cost"]["gpu_hours"] = gpu_hours(sum(r.seconds for r in results), device)
+            metrics["cost"]["peak_memory_mb"] = round(max(r.peak_memory_mb for r in results), 1)
         write_json(out / "metrics.json", metrics)  # last: its presence marks the run finished
     log.info("structure: %s", st.summary())
     return metrics

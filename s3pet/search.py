@@ -4,7 +4,13 @@ Each step: (1) an alpha step on a D_alpha batch, (2) a w step (PET modules and h
 batch; D_w and D_alpha are a seeded 50/50 split of the training set. First order uses
 dL_alpha(w, alpha)/dalpha. Second order takes a *virtual* step w' = w - xi grad_w L_w on the PET
 and head parameters only (``torch.func.functional_call``; no copy of the model) and corrects
-with a finite difference of dL_w/dalpha at w +- eps grad_w' L_alpha(w', alpha).
+with a finite difference of dL_w/dalpha at w +- eps grad_w' L_alpha(w', alpha). The supernet
+forms every gate; the shift is solved once per alpha update.
+
+Options of the recipe (``SearchConfig``, all off by default): a warm-up of w-only steps with
+the gates fixed at p; logits initialised from the warmed-up sensitivity |z dL/dz| or that score
+alone as the selector; temperature annealing; hard-concrete or deterministic gates; alpha
+gradients averaged over micro-batches; restarts (looped by ``pipeline.search``).
 
 The search checkpoint (``search.pt``) holds every state needed to continue: PET weights,
 head, logits, both optimisers and schedules, the shift, the step and all random states. A
@@ -33,7 +39,7 @@ from s3pet import dist
 from s3pet.errors import ConfigError, TrainingError
 from s3pet.heads import TaskModel
 from s3pet.io import append_jsonl, atomic_write_bytes, atomic_write_text
-from s3pet.supernet import CONTROLLERS, Supernet
+from s3pet.supernet import CONTROLLERS, GATES, Supernet
 from s3pet.train import (EncodedTask, all_finite, autocast, check_device, check_numbers, evaluate, linear_schedule,
                          make_adamw, peak_memory_mb, resolve_device)
 
@@ -56,7 +62,17 @@ class SearchConfig:
     warmup_ratio: float = 0.0
     beta: float = 1.0  # gate sigmoid temperature
     temperature: float = 1.0  # binary-concrete relaxation temperature
-    hard: bool = False  # straight-through hard gates in training steps
+    temperature_final: float = 0.0  # anneal the temperature geometrically to this over the bi-level steps; 0 = fixed
+    hard: bool = False  # straight-through hard gates in training steps (concrete gates only)
+    gates: str = "concrete"  # concrete | hard-concrete (exact 0s and 1s) | deterministic (z = p): training gates
+    warmup_steps: int = 0  # w-only steps, gates fixed at p, before any alpha step: fresh LoRA B, BitFit, LNFit are 0
+    warmup_epochs: float = 0.0  # the same warm-up in passes over D_w (one length across task sizes); 0 = steps
+    alpha_init: str = "zero"  # zero | sensitivity: after the warm-up, alpha from each candidate's |z dL/dz|
+    alpha_init_scale: float = 1.0  # sensitivity: alpha = scale * standardised log score (the spread of the logits)
+    sensitivity_batches: int = 8  # D_alpha batches the sensitivity score averages over (noise of one batch)
+    selector: str = "search"  # search | sensitivity: the warmed-up sensitivity alone ranks, no bi-level steps
+    alpha_accum: int = 1  # D_alpha micro-batches averaged per alpha step: a less noisy alpha gradient
+    restarts: int = 1  # independent searches (seeds seed..seed+N-1), gate probabilities averaged, then derived
     controller: str = "shift"  # shift (S3PET) | none (plain sigmoid) | l0 (penalty ablation)
     l0_weight: float = 1.0  # weight of the l0 controller's penalty
     xi: float = 0.0  # virtual step size of second order; 0 = w_lr
@@ -85,10 +101,12 @@ class SearchConfig:
         if self.select not in ("best", "last"):
             raise ConfigError(f"select must be 'best' or 'last', got {self.select!r}")
         check_numbers(self, positive=("epochs", "batch_size", "w_lr", "alpha_lr", "beta", "temperature", "log_every",
-                                      "max_length", "eval_batch_size", "alpha_share"),
+                                      "max_length", "eval_batch_size", "alpha_share", "alpha_init_scale",
+                                      "sensitivity_batches", "alpha_accum", "restarts"),
                       non_negative=("max_steps", "head_lr", "weight_decay", "grad_clip", "warmup_ratio", "l0_weight",
                                     "xi", "eval_every", "checkpoint_every", "seed", "shift_iters",
-                                    "max_train_samples", "max_eval_samples"),
+                                    "max_train_samples", "max_eval_samples", "temperature_final", "warmup_steps",
+                                    "warmup_epochs"),
                       at_most_one=("warmup_ratio",))
         if not 0 < self.alpha_share < 1:
             raise ConfigError(f"alpha_share must be in (0, 1), got {self.alpha_share}")
@@ -98,6 +116,19 @@ class SearchConfig:
         accel.check_setting(self.compile)
         if self.pooling not in ("auto", "pooler", "mean"):
             raise ConfigError(f"pooling must be auto, pooler or mean, got {self.pooling!r}")
+        if self.gates not in GATES:
+            raise ConfigError(f"gates must be one of {', '.join(GATES)}, got {self.gates!r}")
+        if self.hard and self.gates != "concrete":
+            raise ConfigError(f"hard (straight-through) applies to concrete gates only, not {self.gates!r}")
+        if self.warmup_steps and self.warmup_epochs:
+            raise ConfigError("give warmup_steps or warmup_epochs, not both")
+        for name, allowed in (("alpha_init", ("zero", "sensitivity")), ("selector", ("search", "sensitivity"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+            if getattr(self, name) == "sensitivity" and not (self.warmup_steps or self.warmup_epochs):
+                # Fresh LoRA B, BitFit and LNFit deltas are 0, so every gate gradient is 0 before training.
+                raise ConfigError(f"{name}=sensitivity needs a warm-up (warmup_steps or warmup_epochs): "
+                                  "untrained deltas have no sensitivity")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchConfig":
@@ -138,12 +169,26 @@ def _subset(split: D.EncodedSplit, idx: list[int]) -> D.EncodedSplit:
                           split.n_choices)
 
 
-class BiLevel:
-    """The two optimisers and the step functions of the bi-level search."""
+def temperature_at(t: int, n: int, t0: float, t1: float) -> float:
+    """Concrete temperature of bi-level step t of n: geometric from t0 (first) to t1 (last); t1 = 0: t0."""
+    if not t1 or n <= 1:
+        return t0
+    return t0 * (t1 / t0) ** (min(t, n - 1) / (n - 1))
 
-    def __init__(self, root: SearchModel, cfg: SearchConfig, device: torch.device, total: int):
+
+class BiLevel:
+    """The two optimisers and the step functions of the bi-level search.
+
+    Gates come from the supernet (``sample_gates`` / ``fixed_gates``), configured here from
+    ``cfg``; the shift is solved once after every alpha update and reused by every pass until
+    the next one.
+    """
+
+    def __init__(self, root: SearchModel, cfg: SearchConfig, device: torch.device, total: int,
+                 alpha_total: int | None = None):
         self.root, self.cfg, self.device = root, cfg, device
         self.sn = root.supernet
+        self.sn.configure(beta=cfg.beta, temperature=cfg.temperature, hard=cfg.hard, gates=cfg.gates)
         self.w_named = root.w_named()
         self.w = list(self.w_named.values())
         head_ids = {id(p) for p in root.task_model.head_parameters()}
@@ -151,9 +196,9 @@ class BiLevel:
                   {"params": [p for p in self.w if id(p) in head_ids], "lr": cfg.head_lr or cfg.w_lr}]
         self.opt_w = make_adamw(groups, device, cfg.weight_decay)
         self.opt_a = make_adamw([{"params": self.sn.arch_parameters(), "lr": cfg.alpha_lr}], device, 0.0)
-        warm = int(cfg.warmup_ratio * total)
-        self.sched_w = linear_schedule(self.opt_w, total, warm)
-        self.sched_a = linear_schedule(self.opt_a, total, warm)
+        alpha_total = total if alpha_total is None else max(1, alpha_total)  # alpha steps follow the warm-up
+        self.sched_w = linear_schedule(self.opt_w, total, int(cfg.warmup_ratio * total))
+        self.sched_a = linear_schedule(self.opt_a, alpha_total, int(cfg.warmup_ratio * alpha_total))
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.compiled = accel.Compiled(root.task_model, accel.wanted(cfg.compile, device, total))
         if self.sn.shift_iters:  # the fixed-iteration (sync-free) solve: ~25 tiny ops per iteration
@@ -167,51 +212,60 @@ class BiLevel:
                 logits = torch.func.functional_call(self.root, params, (batch,), strict=False)
         return self.root.task_model.loss(logits, batch["labels"])
 
-    def _gates(self, logit_u: torch.Tensor, alpha_grad: bool):
-        """Gates from fixed noise: z = sigmoid((logit p + logit u) / T); installed for the forward."""
-        sn, cfg = self.sn, self.cfg
-        alpha = sn.alpha if alpha_grad else sn.alpha.detach()
-        shift = sn.current_shift()
-        z = torch.sigmoid((B.gate_logits(alpha, shift, cfg.beta) + logit_u) / cfg.temperature)
-        if cfg.hard:
-            z = (z > 0.5).to(z.dtype) + (z - z.detach())
-        sn.deltaset.z = z
-        return B.gate_probs(alpha, shift, cfg.beta)
+    def _gates(self, noise: torch.Tensor | None, alpha_grad: bool):
+        """Install training gates from fixed noise (the supernet forms them); returns p."""
+        return self.sn.sample_gates(noise=noise, alpha_grad=alpha_grad)
 
-    def _noise(self) -> torch.Tensor:
-        a = self.sn.alpha
-        eps = torch.finfo(a.dtype).eps
-        u = torch.rand(a.shape, generator=self.gen, device=a.device, dtype=a.dtype).clamp(eps, 1 - eps)
-        return u.log() - torch.log1p(-u)
+    def _noise(self) -> torch.Tensor | None:
+        if self.sn.gates == "deterministic":
+            return None  # z = p: nothing to draw
+        return B.logistic_noise(self.sn.alpha, self.gen)
+
+    def set_temperature(self, t: int, n: int) -> float:
+        """Anneal: the concrete temperature of bi-level step t of n (``cfg.temperature_final``)."""
+        temp = temperature_at(t, n, self.cfg.temperature, self.cfg.temperature_final)
+        self.sn.configure(temperature=temp)
+        return temp
 
     def alpha_step(self, batch_a, batch_w) -> torch.Tensor:
-        """One update of the gate logits (on a D_alpha batch; second order also uses D_w)."""
+        """One update of the gate logits on a D_alpha batch, or the mean gradient of a list of
+        micro-batches (``alpha_accum``); second order also uses the D_w batch."""
         return self.compiled.run(self._alpha_step, batch_a, batch_w)
 
     def w_step(self, batch_w) -> torch.Tensor:
         """One update of the PET modules and the head on a D_w batch."""
-        return self.compiled.run(self._w_step, batch_w)
+        return self.compiled.run(self._w_step, batch_w, False)
+
+    def warm_step(self, batch_w) -> torch.Tensor:
+        """A warm-up step: the PET modules and the head train with the gates fixed at p."""
+        return self.compiled.run(self._w_step, batch_w, True)
 
     def _alpha_step(self, batch_a, batch_w) -> torch.Tensor:
         cfg, sn = self.cfg, self.sn
         if sn.controller == "shift" and sn.fits_all:
             return torch.zeros((), device=self.device)  # every candidate fits: nothing to choose
-        u = self._noise()
         alpha = sn.alpha
-        if cfg.order == "first":
-            p = self._gates(u, alpha_grad=True)
-            loss = self._loss(batch_a) + sn.penalty(p)
-            (g_alpha,) = torch.autograd.grad(loss, [alpha])
-        else:
-            g_alpha, loss = self._second_order(batch_a, batch_w, u)
-        alpha.grad = g_alpha
+        micro = batch_a if isinstance(batch_a, list) else [batch_a]
+        g_sum = loss_sum = None
+        for ba in micro:
+            u = self._noise()  # one draw per micro-batch: averaging also averages the gate noise
+            if cfg.order == "first":
+                p = self._gates(u, alpha_grad=True)
+                loss = self._loss(ba) + sn.penalty(p)
+                (g,) = torch.autograd.grad(loss, [alpha])
+            else:
+                g, loss = self._second_order(ba, batch_w, u)
+            g_sum = g if g_sum is None else g_sum + g
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        alpha.grad = g_sum / len(micro)
         dist.average_gradients([alpha])
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([alpha], cfg.grad_clip)
         self.opt_a.step()
         self.opt_a.zero_grad(set_to_none=True)
         self.sched_a.step()
-        return loss.detach()
+        sn.refresh_shift()  # the one solve for these logits; every pass until the next update reuses it
+        return loss_sum / len(micro)
 
     def _second_order(self, batch_a, batch_w, u):
         """DARTS' unrolled gradient with a virtual step on the PET and head weights only."""
@@ -241,8 +295,11 @@ class BiLevel:
         g_alpha = g_alpha - xi * (fd[0] - fd[1]) / (2 * eps)
         return g_alpha, loss.detach()
 
-    def _w_step(self, batch_w) -> torch.Tensor:
-        self._gates(self._noise(), alpha_grad=False)
+    def _w_step(self, batch_w, fixed: bool = False) -> torch.Tensor:
+        if fixed:
+            self.sn.fixed_gates()
+        else:
+            self._gates(self._noise(), alpha_grad=False)
         loss = self._loss(batch_w)
         loss.backward()
         dist.average_gradients(self.w)
@@ -252,6 +309,34 @@ class BiLevel:
         self.opt_w.zero_grad(set_to_none=True)
         self.sched_w.step()
         return loss.detach()
+
+    def sensitivity(self, batches) -> torch.Tensor:
+        """Per-candidate |z dL/dz| at z = p, averaged over ``batches`` (float64).
+
+        The first-order estimate of how much the loss changes if the gate closes; computed in
+        eval mode (no dropout, so no random state is used) on the current PET weights.
+        """
+        sn, was = self.sn, self.root.training
+        self.root.eval()
+        score = torch.zeros(sn.alpha.shape, dtype=torch.float64, device=sn.alpha.device)
+        k = 0
+        for batch in batches:
+            z = sn.probe_gates()
+            (g,) = torch.autograd.grad(self._loss(batch), [z])
+            score += (z * g).detach().abs().double()
+            k += 1
+        self.root.train(was)
+        if k == 0:
+            raise ConfigError("the sensitivity score needs at least one batch")
+        if dist.world_size() > 1:  # every rank scored its own shard: average them
+            torch.distributed.all_reduce(score)
+            score /= dist.world_size()
+        return score / k
+
+    def init_alpha(self, score: torch.Tensor) -> None:
+        """Set the logits from a sensitivity score (standardised log score x ``alpha_init_scale``)."""
+        self.sn.set_alpha(B.alpha_from_scores(score, self.cfg.alpha_init_scale).to(self.sn.alpha.dtype))
+        self.sn.refresh_shift()
 
     def state_dict(self) -> dict:
         return {"opt_w": self.opt_w.state_dict(), "opt_a": self.opt_a.state_dict(),
@@ -278,7 +363,13 @@ class SearchResult:
 
 
 def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Path, resume: bool = False) -> SearchResult:
-    """Run (or continue) the bi-level search; writes history.jsonl and search.pt into ``out``."""
+    """Run (or continue) one search; writes history.jsonl and search.pt into ``out``.
+
+    Steps: ``cfg.warmup_steps`` w-only steps with the gates fixed at p, then (``alpha_init`` or
+    ``selector`` = sensitivity) the logits set from the warmed-up sensitivity, then the
+    bi-level steps (none for the sensitivity selector). ``cfg.restarts`` is handled by the
+    caller (``pipeline.search``), one call per restart.
+    """
     device = resolve_device(cfg.device)
     root.to(device)
     sn = root.supernet
@@ -291,10 +382,13 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
     world, shard = dist.world_size(), (dist.rank(), dist.world_size())
     nb_w = max(1, D.n_batches(len(d_w), cfg.batch_size, world=world))
     nb_a = max(1, D.n_batches(len(d_a), cfg.batch_size, world=world))
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * nb_w))
+    warm = cfg.warmup_steps or math.ceil(cfg.warmup_epochs * nb_w)
+    n_bilevel = 0 if cfg.selector == "sensitivity" else cfg.max_steps or max(1, math.ceil(cfg.epochs * nb_w))
+    total = warm + n_bilevel
     eval_every = cfg.eval_every or max(1, nb_w // 2)
     ckpt_every = cfg.checkpoint_every or eval_every
-    bl = BiLevel(root, cfg, device, total)
+    bl = BiLevel(root, cfg, device, total, n_bilevel)
+    scored = cfg.selector == "sensitivity" or cfg.alpha_init == "sensitivity"
     hist = out / "history.jsonl"
     ckpt = out / "search.pt"
 
@@ -333,15 +427,22 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
         if it_w is None or step % nb_w == 0:
             it_w = D.batches(d_w, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed, epoch=step // nb_w,
                              start=step % nb_w, shard=shard)
-        if it_a is None or step % nb_a == 0:
-            it_a = D.batches(d_a, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed + 7919,
-                             epoch=step // nb_a, start=step % nb_a, shard=shard)
         bw = D.to_device(next(it_w), device)
-        ba = D.to_device(next(it_a), device)
-        sums["loss_alpha"] += bl.alpha_step(ba, bw)
-        sums["loss_w"] += bl.w_step(bw)
+        if step >= warm:
+            bas = []
+            for m in range(cfg.alpha_accum):
+                j = (step - warm) * cfg.alpha_accum + m  # index of this D_alpha batch over the search
+                if it_a is None or j % nb_a == 0:
+                    it_a = D.batches(d_a, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed + 7919,
+                                     epoch=j // nb_a, start=j % nb_a, shard=shard)
+                bas.append(D.to_device(next(it_a), device))
+            bl.set_temperature(step - warm, n_bilevel)
+            sums["loss_alpha"] += bl.alpha_step(bas if cfg.alpha_accum > 1 else bas[0], bw)
+        sums["loss_w"] += bl.warm_step(bw) if step < warm else bl.w_step(bw)
         step += 1
         bar.update(1)
+        if step == warm and scored:
+            bl.init_alpha(bl.sensitivity(_sensitivity_batches(d_a, task.pad_id, cfg, shard, device)))
         if step % check_every == 0 or step == total:
             _check_finite(sums, sn, cfg, step)
         if step % cfg.log_every == 0 or step == total:
@@ -350,6 +451,7 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
                 p = sn.gate_probs()
             rec = {"step": step, "epoch": step / nb_w, "loss_w": sums["loss_w"].item() / k,
                    "loss_alpha": sums["loss_alpha"].item() / k, "budget": sn.budget,
+                   "temperature": sn.temperature, "phase": "warmup" if step <= warm else "bilevel",
                    **{key: float(v) for key, v in sn.stats(p).items()}}
             for v in sums.values():
                 v.zero_()
@@ -364,7 +466,9 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
                              cfg.precision)
             if dist.is_main():
                 append_jsonl(hist, {"step": step, "eval": m})
-            if best is None or m["main"] > best["main"]:
+            # Logits still at their initial zeros (inside the warm-up) say nothing: never select them.
+            informed = step > warm or (step == warm and scored)
+            if informed and (best is None or m["main"] > best["main"]):
                 best, best_step, best_alpha = m, step, sn.alpha.detach().clone()
         if (step % ckpt_every == 0 or step == total) and dist.is_main():
             _save_checkpoint(ckpt, root, bl, step, best, best_step, best_alpha,
@@ -378,6 +482,11 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
     return SearchResult(sn, best or {}, best_step, step, seconds, peak_memory_mb(device), selected)
 
 
+def _sensitivity_batches(d_a: D.EncodedSplit, pad_id: int, cfg: SearchConfig, shard, device):
+    """The first ``cfg.sensitivity_batches`` D_alpha batches of a fixed order of their own."""
+    it = D.batches(d_a, cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed + 104_729, epoch=0, shard=shard)
+    for _, b in zip(range(cfg.sensitivity_batches), it):
+        yield D.to_device(b, device)
 # Gate logits beyond this are saturated for any beta s3pet uses (sigmoid(1e4) == 1 in float32):
 # an alpha step that large means the gate optimiser diverged, not that a gate is decided.
 _MAX_LOGIT = 1e4

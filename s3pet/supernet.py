@@ -10,6 +10,16 @@ Controllers (how gate probabilities are formed):
   that sum n p = budget.
 - ``none``: plain sigmoid(alpha / beta), no budget pressure (ablation).
 - ``l0``: plain sigmoid plus a penalty on expected parameters over the budget (ablation).
+
+The supernet is the one place that turns logits into gates: it holds beta, the concrete
+temperature and the gate kind, solves the shift once per change of alpha (cached against the
+logits' version counter, so the several passes of one step reuse one solve), and installs
+the gate vector for a forward (``sample_gates``, ``fixed_gates``, ``expected_gates``).
+
+Gate kinds for training steps (``gates``):
+- ``concrete``: binary-concrete samples (optionally straight-through hard, ``hard``).
+- ``hard-concrete``: stretched and clipped binary-concrete samples: exact 0s and 1s.
+- ``deterministic``: z = p, no noise.
 """
 
 from __future__ import annotations
@@ -22,17 +32,20 @@ from s3pet.inject import DeltaSet
 from s3pet.space import ModuleSpec
 
 CONTROLLERS = ("shift", "none", "l0")
+GATES = ("concrete", "hard-concrete", "deterministic")
 
 
 class Supernet(nn.Module):
     """A frozen backbone with all candidates of a space attached and gated."""
 
     def __init__(self, backbone: nn.Module, specs: list[ModuleSpec], budget: int, *, beta: float = 1.0,
-                 temperature: float = 1.0, hard: bool = False, controller: str = "shift",
-                 shift_iters: int | None = None, l0_weight: float = 1.0):
+                 temperature: float = 1.0, hard: bool = False, gates: str = "concrete",
+                 controller: str = "shift", shift_iters: int | None = None, l0_weight: float = 1.0):
         super().__init__()
         if controller not in CONTROLLERS:
             raise ValueError(f"controller must be one of {CONTROLLERS}")
+        if gates not in GATES:
+            raise ValueError(f"gates must be one of {GATES}")
         self.backbone = backbone
         for p in backbone.parameters():
             p.requires_grad_(False)
@@ -48,7 +61,8 @@ class Supernet(nn.Module):
         self.register_buffer("group", group)
         self.register_buffer("shift", torch.zeros((), dtype=torch.float64))
         self.budget = int(budget)
-        self.beta, self.temperature, self.hard = beta, temperature, hard
+        self.beta, self.temperature, self.hard, self.gates = beta, temperature, hard, gates
+        self._shift_key = None  # (alpha version, beta) the cached shift was solved for
         self.controller, self.shift_iters, self.l0_weight = controller, shift_iters, l0_weight
         self.solver = B.solve_shift  # the search swaps in a compiled copy when it compiles
         self.fits_all = B.budget_fits_all(self.n, self.budget)
@@ -66,31 +80,90 @@ class Supernet(nn.Module):
         return list(self.deltaset.parameters())
 
     # ------------------------------------------------------------------ gates
+    def configure(self, *, beta: float | None = None, temperature: float | None = None, hard: bool | None = None,
+                  gates: str | None = None) -> None:
+        """Set the gate settings (the search's config calls this; the values live only here)."""
+        if gates is not None and gates not in GATES:
+            raise ValueError(f"gates must be one of {GATES}")
+        if beta is not None:
+            self.beta = beta
+        if temperature is not None:
+            self.temperature = temperature
+        if hard is not None:
+            self.hard = hard
+        if gates is not None:
+            self.gates = gates
+
+    def set_alpha(self, alpha: Tensor) -> None:
+        """Overwrite the logits (e.g. with the best-validation ones); the shift follows."""
+        with torch.no_grad():
+            self.alpha.copy_(alpha)
+        self._shift_key = None
+
     def _solve(self, warm: bool = True) -> Tensor:
         with torch.no_grad():
             s = self.solver(self.alpha.detach(), self.n, self.budget, beta=self.beta,
                             init=self.shift if warm else None, iters=self.shift_iters)
             self.shift.copy_(s)
+        self._shift_key = (self.alpha._version, self.beta)
         return self.shift
 
+    def refresh_shift(self) -> None:
+        """Solve the shift for the current logits now (called once after every alpha update)."""
+        if self.controller == "shift" and not self.fits_all:
+            self._solve()
+
     def current_shift(self) -> Tensor:
-        """The shift b used by the gates (0 without the shift controller, -inf when all fits)."""
+        """The shift b used by the gates (0 without the shift controller, -inf when all fits).
+
+        Solved only when alpha changed since the last solve: every in-place update of alpha
+        (optimiser step, ``copy_`` under no_grad, ``load_state_dict``) bumps its version
+        counter; writes through ``alpha.data`` do not, so use ``set_alpha`` for those.
+        """
         if self.controller != "shift":
             return torch.zeros((), dtype=torch.float64, device=self.alpha.device)
         if self.fits_all:
             return torch.full((), float("-inf"), dtype=torch.float64, device=self.alpha.device)
-        return self._solve()
+        if self._shift_key != (self.alpha._version, self.beta):
+            self._solve()
+        return self.shift
 
     def gate_probs(self) -> Tensor:
         """p for every candidate (differentiable in alpha; the shift is a constant)."""
         return B.gate_probs(self.alpha, self.current_shift(), self.beta)
 
-    def sample_gates(self, generator: torch.Generator | None = None) -> Tensor:
-        """Draw binary-concrete gates for a training step and install them; returns p."""
+    def sample_gates(self, generator: torch.Generator | None = None, *, noise: Tensor | None = None,
+                     alpha_grad: bool = True) -> Tensor:
+        """Draw training gates of the configured kind and install them; returns p.
+
+        Args:
+            generator: random generator for the noise (ignored when ``noise`` is given).
+            noise: logit u from ``budget.logistic_noise``, to reuse one draw over passes.
+            alpha_grad: False detaches the gates from alpha (w steps, virtual steps).
+        """
+        alpha = self.alpha if alpha_grad else self.alpha.detach()
         shift = self.current_shift()
-        z = B.concrete_sample(self.alpha, shift, self.beta, self.temperature, self.hard, generator)
+        if self.gates == "deterministic":
+            z = B.gate_probs(alpha, shift, self.beta)
+        elif self.gates == "hard-concrete":
+            z = B.hard_concrete_sample(alpha, shift, self.beta, self.temperature, generator, noise)
+        else:
+            z = B.concrete_sample(alpha, shift, self.beta, self.temperature, self.hard, generator, noise)
         self.deltaset.z = z
-        return B.gate_probs(self.alpha, shift, self.beta)
+        return B.gate_probs(alpha, shift, self.beta)
+
+    def fixed_gates(self) -> Tensor:
+        """Install z = p detached from alpha (warm-up: the PET weights train, the gates do not move)."""
+        p = self.gate_probs().detach()
+        self.deltaset.z = p
+        return p
+
+    def probe_gates(self) -> Tensor:
+        """Install z = p as a leaf tensor that requires grad and return it (dL/dz per candidate:
+        the sensitivity score)."""
+        z = self.gate_probs().detach().requires_grad_(True)
+        self.deltaset.z = z
+        return z
 
     def expected_gates(self) -> Tensor:
         """Install the deterministic gates p (evaluation); returns p."""
@@ -116,10 +189,11 @@ class Supernet(nn.Module):
         return self.backbone(*args, **kwargs)
 
     # ------------------------------------------------------------------ derive
-    def candidate_rows(self) -> list[dict]:
-        """One row per candidate: site, stack, layer, role, kind, unit, n, alpha, p."""
+    def candidate_rows(self, p: Tensor | None = None) -> list[dict]:
+        """One row per candidate: site, stack, layer, role, kind, unit, n, alpha, p (default: the
+        current gate probabilities; e.g. the mean over restarts when given)."""
         with torch.no_grad():
-            p = self.gate_probs().float().cpu().tolist()
+            p = (self.gate_probs() if p is None else p).float().cpu().tolist()
         alpha = self.alpha.detach().float().cpu().tolist()
         rows = []
         for spec in self.specs:

@@ -107,3 +107,30 @@ def test_merge_brings_in_another_calls_runs_from_a_folder_or_a_tarball(tmp_path)
 def test_unknown_method_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         Q.parse(["--model", "m", "--data-dir", "d", "--out", str(tmp_path), "--methods", "lora,nope"])
+
+
+def test_every_ablation_is_a_method_with_a_valid_search_config(tmp_path):
+    from s3pet.search import SearchConfig
+
+    names = ",".join(Q.ABLATIONS)
+    a = Q.parse(["--model", "m", "--data-dir", "d", "--out", str(tmp_path), "--tasks", "rte", "--methods",
+                 f"s3pet-m,{names},random"])
+    base = Q.search_config(a, "s3pet-m", "rte", 0)
+    assert base.epochs == 10.0  # as many search epochs as the retrain (over D_w), best-validation logits
+    assert base.select == "best"
+    for name, over in Q.ABLATIONS.items():
+        assert name in Q.METHODS and name in Q.SEARCH_METHODS and name not in Q.DEFAULT_METHODS
+        cfg = Q.search_config(a, name, "rte", 3)
+        assert isinstance(cfg, SearchConfig) and cfg.seed == 3
+        for k, v in over.items():
+            if k == "epochs_factor":
+                assert cfg.epochs == base.epochs * v
+            else:
+                assert getattr(cfg, k) == v, (name, k)
+        changed = {k for k in vars(cfg) if getattr(cfg, k) != getattr(base, k)} - {"seed"}
+        assert changed and changed <= set(over) | {"epochs"}, name
+    # ablation searches are shared across learning rates like s3pet-m's
+    jobs = Q.pending_jobs(Path(a.out), a)
+    assert {j["method"] for j in jobs if len(j["scales"]) == 3} == {"s3pet-m", *Q.ABLATIONS}
+    # the default grid is unchanged: ablations run only when named
+    assert Q.parse(["--model", "m", "--data-dir", "d", "--out", str(tmp_path)]).methods == list(Q.DEFAULT_METHODS)

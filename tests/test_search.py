@@ -52,22 +52,27 @@ def _teacher_batches(teacher, seed=1, n=16):
     return make
 
 
-def test_search_recovers_the_only_sites_that_explain_the_task():
-    # The teacher is the frozen backbone plus a bias and a scale on the last norm, drawn large;
-    # the student must match its hidden states. Under a budget that fits exactly those two
-    # candidates, the search must keep exactly them; random structures of the same budget do not.
+def planted_task():
+    """(teacher, student, target keys, budget): the teacher is the frozen backbone plus a bias and a
+    scale on the last norm, drawn large; the budget fits exactly those two candidates."""
     torch.manual_seed(0)
     teacher = load_backbone("tiny-bert").eval()
-    sites = discover_sites(teacher)
-    specs = instantiate(load_space(BIAS_SCALE), sites)
+    specs = instantiate(load_space(BIAS_SCALE), discover_sites(teacher))
     target = {"encoder.layer.1.output.LayerNorm:bitfit", "encoder.layer.1.output.LayerNorm:lnfit"}
     tspecs = [s for s in specs if s.key in target]
     ds = DeltaSet([ModuleSpec(s.site, s.kind, s.params, s.units) for s in tspecs]).attach(teacher)
     with torch.no_grad():
         for p in ds.parameters():
             p.normal_(0, 3.0)  # large enough that no other site can imitate it (4 of 4 seeds recover)
-    budget = sum(s.n_params for s in tspecs)
-    student = load_backbone("tiny-bert").eval()
+    return teacher, load_backbone("tiny-bert").eval(), target, sum(s.n_params for s in tspecs)
+
+
+def test_search_recovers_the_only_sites_that_explain_the_task():
+    # The student must match the teacher's hidden states. Under a budget that fits exactly the
+    # two planted candidates, the search must keep exactly them; random structures of the same
+    # budget do not.
+    teacher, student, target, budget = planted_task()
+    sites = discover_sites(student)
     sn = Supernet(student, instantiate(load_space(BIAS_SCALE), discover_sites(student)), budget)
     root = SearchModel(sn, Features(student)).eval()
     bl = BiLevel(root, SearchConfig(w_lr=5e-2, alpha_lr=0.1), torch.device("cpu"), 150)
