@@ -268,7 +268,7 @@ def test_output_folder_is_replaced_atomically(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(E, "_write_extras", boom)
+    monkeypatch.setattr(E.adapter, "write_extras", boom)
     with pytest.raises(RuntimeError):
         E.export_peft(st, bb, out, w)
     assert (out / "adapter_model.safetensors").read_bytes() == second  # untouched on error

@@ -1,0 +1,85 @@
+"""Export folders: written beside the target and renamed into place, never over a folder that
+is not an earlier export; the files every export carries (structure, marker, head, card)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import Tensor
+
+import s3pet
+from s3pet import structure as S
+from s3pet.errors import ConfigError
+from s3pet.io import write_json
+
+MARKER = "s3pet_export.json"  # written into every export; an existing folder is replaced only if it has one
+
+
+def write_extras(folder: Path, structure: S.Structure, untrained: bool, head: dict[str, Tensor] | None,
+                  meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    if head:
+        save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, str(folder / "head.safetensors"))
+    structure.save(folder / "structure.json")
+    write_json(folder / MARKER, {"s3pet_version": s3pet.__version__, "trained": not untrained,
+                                 "head": "head.safetensors" if head else None, **meta})
+
+
+def check_target(out: str | Path) -> Path:
+    """ConfigError unless ``out`` is new, empty, or an earlier s3pet export (safe to replace)."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"export target {out} exists and is not a folder")
+        if any(out.iterdir()) and not (out / MARKER).is_file():
+            raise ConfigError(f"export target {out} is a non-empty folder that is not an s3pet export; "
+                              "choose a new path")
+    return out
+
+
+@contextlib.contextmanager
+def staging(out: str | Path):
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` by renames.
+
+    An existing ``out`` is replaced only if it is empty or an earlier s3pet export, so a
+    mistyped path never wipes a run directory. On error nothing is left behind.
+    """
+    out = check_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        _usual_modes(tmp)
+        old = None
+        if out.exists():
+            old = tmp.with_name(tmp.name + ".old")
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _usual_modes(folder: Path) -> None:
+    """Temporary files and folders are private; give the export the modes of ordinary files."""
+    os.chmod(folder, 0o755)
+    for p in folder.rglob("*"):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+
+
+def read_export_info(folder: str | Path) -> dict:
+    """The ``s3pet_export.json`` of an export folder."""
+    return json.loads((Path(folder) / MARKER).read_text())
