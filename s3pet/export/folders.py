@@ -83,3 +83,31 @@ def _usual_modes(folder: Path) -> None:
 def read_export_info(folder: str | Path) -> dict:
     """The ``s3pet_export.json`` of an export folder."""
     return json.loads((Path(folder) / MARKER).read_text())
+
+
+# The hub ids of s3pet's aliases, so that an export names its base model in a way that works
+# elsewhere; the tiny aliases are random models that only s3pet's load_backbone rebuilds.
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def model_card(structure: S.Structure, base: str, meta: dict, untrained: bool, *, title: str | None = None,
+               load: str | None = None, notes: tuple[str, ...] = (), pipeline_tag: str | None = None) -> str:
+    """The ``README.md`` of an export: front matter (base model, library, tags), what was
+    exported, how to load it (``load``: a Python snippet), and ``notes``."""
+    kinds = sorted(structure.counts_by_kind())
+    head = ["---", f"base_model: {base}", "library_name: peft" if meta.get("format") == "peft" else None,
+            f"pipeline_tag: {pipeline_tag}" if pipeline_tag else None,
+            "tags:", "- s3pet", *[f"- {k}" for k in kinds], "---", ""]
+    lines = [ln for ln in head if ln is not None]
+    lines += [f"# {title or 's3pet export'}", "",
+              f"Base model: `{base}`. Exported by s3pet {s3pet.__version__} as a "
+              f"{meta.get('format')} model ({meta.get('peft_method') or 'merged weights'}).", "",
+              f"Structure: {structure.summary()}.", ""]
+    if untrained:
+        lines += ["**Untrained**: the modules are freshly initialised, not trained.", ""]
+    if load:
+        lines += ["## Load", "", "```python", load.strip(), "```", ""]
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    lines += ["`structure.json` is s3pet's structure file; `s3pet_export.json` records how this folder was made.", ""]
+    return "\n".join(lines)

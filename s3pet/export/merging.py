@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from s3pet import structure as S
-from s3pet.errors import StructureError
+from s3pet.errors import ConfigError, StructureError
 from s3pet.export.folders import staging, write_extras, check_target
 from s3pet.export.weights import SEQUENTIAL, by_site, check_same, load_deltas, outputs, probe_batch, s3pet_outputs, some
 from s3pet.inject import DeltaSet
@@ -201,11 +201,14 @@ def _check_reloadable(model: nn.Module) -> None:
 
 def export_merged(structure: S.Structure, backbone: nn.Module, out_dir: str | Path,
                   weights: dict[str, Tensor] | None, *, tokenizer=None, head: dict[str, Tensor] | None = None,
-                  inplace: bool = False, verify: bool = True) -> Path:
+                  untrained: bool = False, inplace: bool = False, verify: bool = True) -> Path:
     """Merge (see ``merge``) and ``save_pretrained`` the model (and ``tokenizer`` if given) so
     that ``AutoModel.from_pretrained(out_dir)`` loads it; ``head`` goes to head.safetensors.
-    Returns the folder. Raises StructureError if the model cannot be merged or would not
-    reload with every merged tensor."""
+    ``weights`` None only with ``untrained``. Returns the folder. Raises StructureError if the
+    model cannot be merged or would not reload with every merged tensor."""
+    if weights is None and not untrained:
+        raise ConfigError("no trained weights given: pass the retrain's delta.safetensors (--weights), "
+                          "or --untrained to export freshly initialised modules")
     check_target(out_dir)
     model = merge(structure, backbone, weights, inplace=inplace, verify=verify)
     _check_reloadable(model)

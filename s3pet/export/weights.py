@@ -113,12 +113,18 @@ def s3pet_outputs(backbone: nn.Module, ds: DeltaSet) -> Tensor:
         ds.detach()
 
 
-def check_same(ref: Tensor, got: Tensor, what: str) -> float:
-    """Max abs difference; StructureError if above a tolerance scaled to the outputs' size."""
+def tolerance(dtype: torch.dtype, scale: float) -> float:
+    """Allowed max abs difference between two computations of the same function in ``dtype``
+    whose outputs reach ``scale``: sqrt(eps) relative, i.e. half the digits of the dtype
+    (reordered sums over thousands of terms lose that much, a dropped delta far more)."""
+    return torch.finfo(dtype).eps ** 0.5 * (1.0 + scale)
+
+
+def check_same(ref: Tensor, got: Tensor, what: str, dtype: torch.dtype = torch.float32) -> float:
+    """Max abs difference; StructureError if above ``tolerance`` for the models' ``dtype``."""
     diff = (ref - got).abs().max().item()
-    tol = 1e-4 * (1.0 + ref.abs().max().item())
+    tol = tolerance(dtype, ref.abs().max().item())
     if not diff <= tol:  # also catches NaN
         raise StructureError(f"{what} does not reproduce s3pet's model: outputs differ by {diff:.3g} "
                              f"(tolerance {tol:.3g}); nothing was written")
     return diff
-
