@@ -258,7 +258,7 @@ def cmd_export(args) -> int:
     from s3pet.export import export_run
 
     path = export_run(args.structure, args.out, to="merged" if args.merge else args.to, weights_path=args.weights,
-                      model=args.model)
+                      model=args.model, untrained=args.untrained, task=args.task)
     print(f"exported to {path}")
     return 0
 
@@ -472,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", choices=["peft"], default="peft")
     sp.add_argument("--merge", action="store_true", help="fold the deltas into a plain transformers model")
     sp.add_argument("--model", default=None)
+    sp.add_argument("--task", default=None, help="task card (name or path) of the head; default: the run's task")
+    sp.add_argument("--untrained", action="store_true",
+                    help="allow exporting freshly initialised modules when there are no weights")
     sp.add_argument("--out", required=True)
     sp.set_defaults(func=cmd_export)
     return p

@@ -1,0 +1,56 @@
+"""Export a structure with its weights: as an HF peft adapter, or merged into a plain model.
+
+Both exports build their folder beside the target and rename it into place, check before
+writing that the exported model reproduces s3pet's own model (backbone + DeltaSet) on a probe
+batch, and write ``s3pet_export.json`` (format, structure, whether the weights were trained).
+The task head is not part of the backbone: it is saved beside the model as ``head.safetensors``
+(the state dict of ``TaskModel.head``, e.g. ``weight`` and ``bias`` of a linear read-out),
+applied to the pooled features as in ``s3pet.heads.TaskModel``.
+
+peft (``export_peft``): a folder with ``adapter_config.json`` and ``adapter_model.safetensors``
+that ``PeftModel.from_pretrained(base, folder)`` loads, ``base`` being the backbone as
+``load_backbone`` builds it (``AutoModel``; ``AutoModelForSeq2SeqLM`` for T5). What maps:
+
+- ``lora`` on ``nn.Linear`` or GPT-2 ``Conv1D`` -> ``LoraConfig``: ``target_modules`` are the
+  exact module paths (a fullmatch regex instead if a path is also a dotted suffix of another
+  module), per-module ``rank_pattern`` / ``alpha_pattern`` so that peft's lora_alpha / r is
+  s3pet's alpha / rank; ``lora_A`` (r, d_in) and ``lora_B`` (d_out, r) keep their layout.
+- ``bitfit`` on a linear that has a bias -> folded into that bias, saved with ``bias="all"``.
+  peft then saves every bias of the model and loads them over the base model's, in place:
+  disabling the adapter does not undo them (peft's documented behaviour for bias training).
+- ``bitfit`` on a bias-free linear (LLaMA, T5) that also carries ``lora`` -> LoRA's bias on B
+  (``lora_bias=True``, b_B = delta / scaling; peft >= 0.14). peft warns on load that such a
+  LoRA cannot be merged into its base layer.
+- ``lnfit``, and ``bitfit`` on a norm with a bias -> a trained copy of the norm with the deltas
+  folded into its weight and bias: ``modules_to_save`` (peft matches these names by plain
+  suffix, so LLaMA's final ``norm`` also wraps every ``*norm`` module with an unchanged copy),
+  or ``LNTuningConfig`` when the structure has only norm modules.
+- ``ia3`` -> ``IA3Config`` with ``feedforward_modules=[]`` (peft then scales the output, as
+  s3pet does), ``ia3_l = 1 + scale``; only when nothing else in the structure needs LoRA
+  (norm modules still go to ``modules_to_save``), since a peft adapter is one method.
+
+Not expressible in peft (StructureError naming kinds and sites, suggesting ``--merge`` when
+merging works): ``adapter`` and ``lowrank_adapter`` (sequential bottlenecks: no peft
+counterpart, no merge either); ``ia3`` together with ``lora`` or linear ``bitfit``;
+``bitfit`` on a bias-free linear without ``lora`` at the same site; ``bitfit`` on a norm
+without a bias (RMSNorm).
+
+merged (``merge`` / ``export_merged``): the deltas folded into the weights of a plain
+transformers model saved with ``save_pretrained`` (``AutoModel.from_pretrained`` loads it).
+``lora``: W += (alpha/r) B A (transposed for ``Conv1D``); ``ia3``: rows of W and the bias
+scaled by 1 + scale (before LoRA and BitFit add theirs, as in s3pet); ``bitfit``: into the
+bias, creating one on an ``nn.Linear`` / ``nn.LayerNorm`` without one; ``lnfit``: into the
+norm weight. A created bias survives ``from_pretrained`` only if the config builds it: config
+switches such as LLaMA's ``attention_bias`` / ``mlp_bias`` are turned on (the other layers
+they cover get zero biases); where no switch exists (T5), ``export_merged`` raises
+StructureError instead of writing a model that would silently lose them. Adapters cannot be
+merged (StructureError)."""
+
+from s3pet.export.adapter import ADAPTER, PeftPlan, export_peft, plan_peft
+from s3pet.export.folders import MARKER, read_export_info
+from s3pet.export.merging import export_merged, merge, merge_problems
+from s3pet.export.runs import FORMATS, export_run
+from s3pet.export.weights import SEQUENTIAL, build_deltas
+
+__all__ = ["ADAPTER", "FORMATS", "MARKER", "SEQUENTIAL", "PeftPlan", "build_deltas", "export_merged", "export_peft",
+           "export_run", "merge", "merge_problems", "plan_peft", "read_export_info"]
