@@ -9,18 +9,17 @@ applied to the pooled features as in ``s3pet.heads.TaskModel``.
 
 peft (``export_peft``): a folder with ``adapter_config.json`` and ``adapter_model.safetensors``
 that ``PeftModel.from_pretrained(base, folder)`` loads, ``base`` being the backbone as
-``load_backbone`` builds it (``AutoModel``; ``AutoModelForSeq2SeqLM`` for T5). What maps:
+``load_backbone`` builds it (``AutoModel``; ``AutoModelForSeq2SeqLM`` for T5); with a task
+(``s3pet.export.task.export_task``, what ``export_run`` does for a retrain run) ``base`` is
+``AutoModelForSequenceClassification`` and the head travels in ``modules_to_save``. What maps:
 
 - ``lora`` on ``nn.Linear`` or GPT-2 ``Conv1D`` -> ``LoraConfig``: ``target_modules`` are the
   exact module paths (a fullmatch regex instead if a path is also a dotted suffix of another
   module), per-module ``rank_pattern`` / ``alpha_pattern`` so that peft's lora_alpha / r is
   s3pet's alpha / rank; ``lora_A`` (r, d_in) and ``lora_B`` (d_out, r) keep their layout.
-- ``bitfit`` on a linear that has a bias -> folded into that bias, saved with ``bias="all"``.
-  peft then saves every bias of the model and loads them over the base model's, in place:
-  disabling the adapter does not undo them (peft's documented behaviour for bias training).
-- ``bitfit`` on a bias-free linear (LLaMA, T5) that also carries ``lora`` -> LoRA's bias on B
-  (``lora_bias=True``, b_B = delta / scaling; peft >= 0.14). peft warns on load that such a
-  LoRA cannot be merged into its base layer.
+- ``bitfit`` on a linear -> the bias of LoRA's B (``lora_bias=True``, b_B = delta / scaling;
+  peft >= 0.14), with a rank-1 LoRA of zero factors where the site has no LoRA; the base
+  model's own biases are never changed, so ``disable_adapter()`` undoes BitFit too.
 - ``lnfit``, and ``bitfit`` on a norm with a bias -> a trained copy of the norm with the deltas
   folded into its weight and bias: ``modules_to_save`` (peft matches these names by plain
   suffix, so LLaMA's final ``norm`` also wraps every ``*norm`` module with an unchanged copy),
@@ -32,7 +31,7 @@ that ``PeftModel.from_pretrained(base, folder)`` loads, ``base`` being the backb
 Not expressible in peft (StructureError naming kinds and sites, suggesting ``--merge`` when
 merging works): ``adapter`` and ``lowrank_adapter`` (sequential bottlenecks: no peft
 counterpart, no merge either); ``ia3`` together with ``lora`` or linear ``bitfit``;
-``bitfit`` on a bias-free linear without ``lora`` at the same site; ``bitfit`` on a norm
+``bitfit`` on a norm
 without a bias (RMSNorm).
 
 merged (``merge`` / ``export_merged``): the deltas folded into the weights of a plain

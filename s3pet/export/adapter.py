@@ -253,9 +253,9 @@ def _peft_refusal(plan: PeftPlan, specs: list[ModuleSpec], backbone: nn.Module) 
     msg = "this structure cannot be expressed as a peft adapter: " + "; ".join(plan.problems)
     blockers = merge_problems(specs, backbone)
     if not blockers:
-        return msg + ". Export it merged instead (--merge / to='merged'), or search with --exportable."
+        return msg + ". Export it merged instead (--merge / to='merged'), or search a space of exportable kinds."
     return (msg + ". Merging is not possible either (" + "; ".join(blockers) + "): keep s3pet's own format "
-            "(structure.json + delta.safetensors), or search with --exportable.")
+            "(structure.json + delta.safetensors), or search a space of exportable kinds.")
 
 
 def base_name(structure: S.Structure, backbone: nn.Module) -> str:
