@@ -115,7 +115,9 @@ def search(model: str, task: str, space: str, budget: str | int, out: str | Path
     cfg = cfg or SearchConfig()
     out = rundir.check(out, resume=resume, overwrite=overwrite)
     if resume and (out / "config.json").exists():
-        _check_resume(out, model, task, space, budget, cfg)
+        _check_resume(out, "search", {"command": "search", "model": model, "task": task, "space": space,
+                                      "budget_arg": str(budget), "search": asdict(cfg)},
+                      ("model", "task", "space", "budget_arg"))
     device = resolve_device(cfg.device)
     # Everything is loaded and checked before the folder is touched: a bad model, space, budget,
     # task or data file leaves no trace in --out.
@@ -193,21 +195,22 @@ def search(model: str, task: str, space: str, budget: str | int, out: str | Path
 
 
 # Settings a resumed search may change: they do not alter what is computed.
+# Settings a resumed run may change: they do not alter what is computed.
 _RESUME_FREE = ("progress", "device", "compile", "eval_batch_size")
 
 
-def _check_resume(out: Path, model: str, task: str, space: str, budget, cfg: SearchConfig) -> None:
-    """ConfigError unless ``--resume`` repeats the settings of the run in ``out``."""
+def _check_resume(out: Path, section: str, config: dict, keys: tuple[str, ...]) -> None:
+    """ConfigError unless a ``--resume`` into ``out`` repeats its first start: the top-level
+    ``keys`` and every setting of ``config[section]`` but ``_RESUME_FREE`` must be equal."""
     try:
         old = read_json(out / "config.json")
-        old_cfg = dict(old["search"])
+        old_cfg = dict(old[section])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"--resume: {out / 'config.json'} is not a search config ({type(e).__name__}); "
-                          f"start afresh without --resume in another --out") from e
-    new = asdict(cfg)
-    diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in (("model", model), ("task", task), ("space", space),
-                                                         ("budget_arg", str(budget))) if old.get(k) != v]
-    diff += [f"{k} {old_cfg.get(k)!r} -> {new[k]!r}" for k in new if k not in _RESUME_FREE and old_cfg.get(k) != new[k]]
+        raise ConfigError(f"--resume: {out / 'config.json'} is not a {config['command']} config "
+                          f"({type(e).__name__}); start afresh without --resume in another --out") from e
+    diff = [f"{k} {old.get(k)!r} -> {config.get(k)!r}" for k in keys if old.get(k) != config.get(k)]
+    diff += [f"{k} {old_cfg.get(k)!r} -> {v!r}" for k, v in config[section].items()
+             if k not in _RESUME_FREE and old_cfg.get(k) != v]
     if diff:
         raise ConfigError(f"--resume: {out} was started with other settings ({'; '.join(diff)}); repeat the "
                           f"original settings or start a new --out")
@@ -240,7 +243,7 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
     if structure is not None:
         config["structure"] = structure.to_dict()
     if resume:
-        _check_train_resume(out, config)
+        _check_resume(out, "train", config, ("command", "model", "task", "structure"))
     device = resolve_device(cfg.device)
     backbone = load_backbone(model, seed=cfg.seed)
     check_max_length(backbone, cfg.max_length)
@@ -289,24 +292,6 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
         write_json(out / "metrics.json", metrics)  # last: its presence marks the run finished
         (out / "train.pt").unlink(missing_ok=True)  # finished: nothing to resume
     return metrics
-
-
-_TRAIN_RESUME_FREE = ("device", "progress", "compile", "eval_batch_size")
-
-
-def _check_train_resume(out: Path, config: dict) -> None:
-    """ConfigError unless a retrain/baseline ``--resume`` repeats the run in ``out``."""
-    try:
-        old = read_json(out / "config.json")
-        old_train = dict(old["train"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"--resume: {out / 'config.json'} is not a training run's config ({type(e).__name__}); "
-                          f"start afresh without --resume") from e
-    diff = [k for k in ("command", "model", "task", "structure") if old.get(k) != config.get(k)]
-    diff += [f"train.{k}" for k, v in config["train"].items() if k not in _TRAIN_RESUME_FREE and old_train.get(k) != v]
-    if diff:
-        raise ConfigError(f"--resume: {out} was started with other settings ({', '.join(diff)}); repeat the "
-                          f"original settings or start a new --out")
 
 
 def retrain(structure_path: str | Path, task: str, out: str | Path, cfg: TrainConfig | None = None,
