@@ -91,13 +91,18 @@ def test_killed_search_resumes_to_the_uninterrupted_structure(task, tmp_path, po
     assert not (out / ".s3pet.lock").exists()
 
 
-def test_killed_retrain_is_unfinished_and_reruns_without_overwrite(task, tmp_path):
+def _retrain_argv(task, tmp_path, eval_every: str) -> tuple[list[str], object]:
+    """A short search's structure, and the argv of a retrain of it into ``tmp_path/retrain``."""
     structure = tmp_path / "s"
     assert main([*SEARCH[:5], "--max-steps", "2", "--batch-size", "8", "--no-progress", "--task", task,
                  "--out", str(structure)]) == 0
     out = tmp_path / "retrain"
-    argv = ["retrain", "--structure", str(structure / "structure.json"), "--task", task, "--out", str(out),
-            "--batch-size", "8", "--eval-every", "50", "--no-progress", "--device", "cpu"]
+    return ["retrain", "--structure", str(structure / "structure.json"), "--task", task, "--out", str(out),
+            "--batch-size", "8", "--eval-every", eval_every, "--no-progress", "--device", "cpu"], out
+
+
+def test_killed_retrain_is_unfinished_and_reruns_without_overwrite(task, tmp_path):
+    argv, out = _retrain_argv(task, tmp_path, "50")
     proc = _start([*argv, "--max-steps", "400"])
     _kill_when(proc, lambda: _history_lines(out / "history.jsonl") >= 3)
     assert_whole(out)
@@ -155,13 +160,8 @@ def test_a_second_process_on_the_same_out_is_refused_with_the_holders_pid(task, 
 
 
 def test_killed_retrain_resumes_to_the_uninterrupted_result(task, tmp_path, caplog):
-    structure = tmp_path / "s"
-    assert main([*SEARCH[:5], "--max-steps", "2", "--batch-size", "8", "--no-progress", "--task", task,
-                 "--out", str(structure)]) == 0
-    out = tmp_path / "retrain"
-    argv = ["retrain", "--structure", str(structure / "structure.json"), "--task", task, "--out", str(out),
-            "--batch-size", "8", "--eval-every", "3", "--max-steps", "60", "--max-eval-samples", "8",
-            "--no-progress", "--device", "cpu"]
+    argv, out = _retrain_argv(task, tmp_path, "3")
+    argv += ["--max-steps", "60", "--max-eval-samples", "8"]
     proc = _start(argv)
     _kill_when(proc, lambda: (out / "train.pt").exists() and _history_lines(out / "history.jsonl") >= 12)
     assert_whole(out)
@@ -172,7 +172,7 @@ def test_killed_retrain_resumes_to_the_uninterrupted_result(task, tmp_path, capl
     assert f"resuming training at step {at} of 60" in caplog.text  # continued, not started again
     assert not (out / "train.pt").exists()  # finished: nothing left to resume
     ref = tmp_path / "ref"
-    assert main([*argv[:6], str(ref), *argv[7:]]) == 0
+    assert main([str(ref) if a == str(out) else a for a in argv]) == 0
     got, want = (json.loads((d / "metrics.json").read_text()) for d in (out, ref))
     assert (got["steps"], got["best_step"], got["validation"], got["test"]) == (
         want["steps"], want["best_step"], want["validation"], want["test"])
@@ -184,12 +184,7 @@ def test_killed_retrain_resumes_to_the_uninterrupted_result(task, tmp_path, capl
 
 
 def test_retrain_resume_must_repeat_the_settings(task, tmp_path, capsys):
-    structure = tmp_path / "s"
-    assert main([*SEARCH[:5], "--max-steps", "2", "--batch-size", "8", "--no-progress", "--task", task,
-                 "--out", str(structure)]) == 0
-    out = tmp_path / "retrain"
-    argv = ["retrain", "--structure", str(structure / "structure.json"), "--task", task, "--out", str(out),
-            "--batch-size", "8", "--eval-every", "3", "--no-progress", "--device", "cpu"]
+    argv, out = _retrain_argv(task, tmp_path, "3")
     proc = _start([*argv, "--max-steps", "400"])
     _kill_when(proc, lambda: (out / "train.pt").exists())
     capsys.readouterr()
