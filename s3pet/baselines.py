@@ -11,8 +11,11 @@ without exceeding the budget:
   below rank 1 everywhere, rank 1 on as many top-layer linears as fit.
 - ``adapter``: Houlsby adapters after both sublayers of every layer at the largest uniform
   bottleneck; then FFN-only (Pfeiffer); then fewer (top) layers at bottleneck 1.
-- ``bitfit`` / ``lnfit``: every bias / every norm scale; if that exceeds the budget, the
-  most useful ones first (BitFit's query and FFN-input biases; top layers first).
+- ``bitfit``: every bias; if that exceeds the budget, the most useful ones first (BitFit's
+  query and FFN-input biases; top layers first).
+- ``lnfit``: the scale and the bias of every norm (LN-tuning: what HF + peft users train when
+  they unfreeze the LayerNorms; a bias-free RMSNorm gets one); top layers first, scale before
+  bias, when the budget holds fewer.
 - ``random``: candidates of a space in a seeded random order, kept greedily under the budget
   (the same derivation as the search, with random scores).
 ``full`` (every weight trains) has no structure.
@@ -124,7 +127,7 @@ def bitfit_specs(sites: list[Site], budget: int) -> list[ModuleSpec]:
 
 def lnfit_specs(sites: list[Site], budget: int) -> list[ModuleSpec]:
     cands = _top_first([s for s in sites if s.host == "norm"])
-    return _order(_fill([_spec(s, "lnfit", 1) for s in cands], budget), sites)
+    return _order(_fill([_spec(s, k, 1) for s in cands for k in ("lnfit", "bitfit")], budget), sites)
 
 
 def _order(specs: list[ModuleSpec], sites: list[Site]) -> list[ModuleSpec]:

@@ -212,3 +212,16 @@ def test_main_job_reads_out_by_mean_pooling_and_the_stages_by_the_models_pooler(
     base = p.parse_args(["baseline", "--method", "bitfit", "--budget", "1k", "--task", "t", "--out", "x"])
     assert _train_cfg(base).pooling == "auto"
     assert _train_cfg(p.parse_args(["run", "--out", "x", "--pooling", "pooler"])).pooling == "pooler"
+
+
+@pytest.mark.parametrize("alias", ["tiny-bert", "tiny-llama"])
+def test_lnfit_baseline_trains_scale_and_bias_of_every_norm(alias):
+    bb = load_backbone(alias)
+    norms = [s for s in discover_sites(bb) if s.host == "norm"]
+    both = 2 * sum(s.d_out for s in norms)
+    st = baseline_structure("lnfit", bb, both)
+    got = {(m["site"], m["kind"]) for m in st.modules}
+    assert got == {(s.path, k) for s in norms for k in ("lnfit", "bitfit")} and st.n_params == both
+    order = [(s.path, k) for s in sorted(norms, key=lambda s: (-s.layer, s.stack)) for k in ("lnfit", "bitfit")]
+    small = baseline_structure("lnfit", bb, norms[0].d_out * 3)  # 3 vectors: the top norms, scale first
+    assert {(m["site"], m["kind"]) for m in small.modules} == set(order[:3])
