@@ -156,7 +156,13 @@ def job_steps(args, job: dict) -> int:
     n = TRAIN_SIZES.get(job["task"], 10_000)
     if args.max_train_samples:
         n = min(n, args.max_train_samples)
-    runs = len(job["scales"]) + (1 if job["method"] in SEARCH_METHODS + ("optuna",) else 0)
+    runs = float(len(job["scales"]))
+    if job["method"] in SEARCH_METHODS:  # a search step costs about one training step per restart
+        over = ABLATIONS.get(job["method"], {})
+        runs += over.get("epochs_factor", 1.0) * over.get("restarts", 1) * (0.0 if over.get("selector") else 1.0)
+        runs += over.get("warmup_epochs", 0.0) / max(epochs, 1.0)
+    elif job["method"] == "optuna":
+        runs += args.optuna_trials
     return int(runs * epochs * math.ceil(n / 32))
 
 
@@ -531,7 +537,7 @@ def run_grid(out: Path, args) -> None:
     ad = {k: v for k, v in vars(args).items() if k != "budgets_order"}
     running: dict = {}
     # Seconds per optimizer step of one worker while the GPU is shared, measured as runs finish
-    # (the first guess is what 14 workers on one H200 gave): with --time-limit a job starts only
+    # (the first guess is what 14 workers on one H200 gave; a search counts its length and restarts): with --time-limit a job starts only
     # if it should end in time, so that no run is killed half-way.
     per_step, seen = args.seconds_per_step, []
     with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as ex:

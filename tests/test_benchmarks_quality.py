@@ -63,6 +63,10 @@ def test_search_methods_share_one_search_across_rates(tmp_path):
     assert len(jobs) == 1 and jobs[0]["scales"] == [0.5, 1.0, 2.0]
     # cb: 20 epochs of 250 examples at batch 32 = 160 steps per training; the search adds one more
     assert Q.job_steps(a, jobs[0]) == 4 * 160
+    job = dict(jobs[0], scales=[1.0])
+    assert Q.job_steps(a, {**job, "method": "s3pet-restarts3"}) == (1 + 3) * 160  # three searches
+    assert Q.job_steps(a, {**job, "method": "s3pet-long3"}) == (1 + 3) * 160  # one of 3x the length
+    assert Q.job_steps(a, {**job, "method": "s3pet-sens-select"}) == 160 + 160 // 20  # a 1-epoch warm-up only
 
 
 def test_report_keeps_the_results_shape_and_pairs_methods(tmp_path):
