@@ -39,8 +39,9 @@ def test_baseline_structures_fit_the_budget(method, model):
     budget = 2000
     st = baseline_structure(method, bb, budget, seed=1)
     assert 0 < st.n_params <= budget
-    assert {m["kind"] for m in st.modules} <= ({"lora", "adapter", "bitfit", "lnfit", "lowrank_adapter", "ia3"}
-                                               if method == "random" else {method.removesuffix("-all")})
+    kinds = {"random": {"lora", "adapter", "bitfit", "lnfit", "lowrank_adapter", "ia3"},
+             "lnfit": {"lnfit", "bitfit"}}  # LN-tuning: a norm's scale and its bias
+    assert {m["kind"] for m in st.modules} <= kinds.get(method, {method.removesuffix("-all")})
     # Rebuilt on the model, the structure has exactly the parameters it claims.
     specs = S.to_specs(st, bb)
     assert sum(s.n_params for s in specs) == st.n_params
