@@ -105,6 +105,7 @@ def test_predict_reads_the_main_jobs_retrain(tmp_path, toy):
                  "--out", str(tmp_path / "b.jsonl")]) == 0
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
     assert len(_read_jsonl(tmp_path / "b.jsonl")) == 2
+    assert evaluate_run(tmp_path / "job")["test"] == evaluate_run(run)["test"]  # evaluate reads it too
 
 
 def test_regression_scores_are_the_evaluated_values(tmp_path, monkeypatch):
