@@ -23,8 +23,8 @@ from synthetic import write_sentiment_task
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _train(tmp, card: str, **kw) -> str:
-    st = baseline_structure("lora", load_backbone("tiny-bert"), 1500)
+def _train(tmp, card: str, model: str = "tiny-bert", **kw) -> str:
+    st = baseline_structure("lora", load_backbone(model), 1500)
     st.save(tmp / "s.json")
     cfg = dict(max_steps=60, batch_size=16, lr=3e-2, eval_every=30, progress=False, log_every=10, pooling="mean",
                eval_batch_size=8)  # several eval batches: predictions must come back in order across them
@@ -123,6 +123,17 @@ def test_regression_scores_are_the_evaluated_values(tmp_path, monkeypatch):
     out = _read_jsonl(tmp_path / "out.jsonl")
     assert all(r["label"] is None and r["label_id"] is None for r in out)
     assert [r["scores"] for r in out] == pytest.approx(seen["test"], abs=1e-5)
+
+
+def test_text_to_text_predictions_equal_evaluation(tmp_path, monkeypatch):
+    card_path = str(write_sentiment_task(tmp_path / "task", n_train=64, n_eval=20))
+    run = _train(tmp_path, card_path, model="tiny-t5", max_steps=6, eval_every=6)  # T5 reads the label words
+    _, seen = _evaluation_predictions(monkeypatch, run)
+    _write_csv(tmp_path / "in.csv", [{"text": ex.texts[0]} for ex in _test_rows(card_path, run)])
+    predict_file(run, tmp_path / "in.csv", tmp_path / "out.jsonl")
+    out = _read_jsonl(tmp_path / "out.jsonl")
+    assert [r["label_id"] for r in out] == seen["test"]
+    assert all(len(r["scores"]) == 2 for r in out)
 
 
 def test_input_fields_follow_the_card_templates_and_choices():
