@@ -186,6 +186,14 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from s3pet.predict import predict_file
+
+    n = predict_file(args.run, args.input, args.out, batch_size=args.batch_size, device=args.device)
+    print(f"{n:,} predictions -> {args.out}")
+    return 0
+
+
 def cmd_run(args) -> int:
     from s3pet.pipeline import run_all
 
@@ -402,6 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--task", default=None, help="default: the run's task")
     sp.add_argument("--data-dir", default=None)
     sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("predict", help="predict labels for new text with a run's trained weights")
+    sp.add_argument("--run", required=True, help="a retrain or baseline run, or the main job's folder (its retrain/)")
+    sp.add_argument("--input", required=True,
+                    help="CSV/TSV with a header, or JSON lines, holding the task's text fields (s3pet/predict.py)")
+    sp.add_argument("--out", required=True, help="JSON lines to write: label, label_id, scores per input row")
+    sp.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: the run's)")
+    sp.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: the run's)")
+    sp.set_defaults(func=cmd_predict)
 
     sp = sub.add_parser("run", help="the main job: search, derive, retrain, evaluate, plot")
     common_train(sp)

@@ -294,38 +294,78 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
     return metrics
 
 
-def retrain(structure_path: str | Path, task: str, out: str | Path, cfg: TrainConfig | None = None,
+def retrain(structure_path: str | Path | S.Structure, task: str, out: str | Path, cfg: TrainConfig | None = None,
             model: str | None = None, data_dir: str | None = None, overwrite: bool = False,
             resume: bool = False) -> dict:
-    """Retrain a structure file on a task (on its own base model unless ``model`` is given);
-    ``resume`` continues a killed retrain in ``out``."""
-    st = S.load(structure_path)
+    """Retrain a structure (a file, a run folder holding one, or a Structure) on a task (on its own
+    base model unless ``model`` is given); ``resume`` continues a killed retrain in ``out``."""
+    st = structure_path if isinstance(structure_path, S.Structure) else S.load(structure_path)
     model = model or st.base_model.get("name_or_path")
     if not model:
-        raise StructureError(f"{structure_path}: base_model.name_or_path is empty; pass --model")
+        where = "the structure" if isinstance(structure_path, S.Structure) else structure_path
+        raise StructureError(f"{where}: base_model.name_or_path is empty; pass --model")
     return train_structure(st, task, model, out, cfg or TrainConfig(), data_dir, overwrite=overwrite, resume=resume)
 
 
-def evaluate_run(run_dir: str | Path, task: str | None = None, data_dir: str | None = None,
-                 split: str = "test") -> dict:
-    """Re-evaluate the saved weights of a retrain/baseline run on a task's validation and test."""
-    from safetensors.torch import load_file
-
+def run_folder(run_dir: str | Path) -> Path:
+    """The folder holding a retrain/baseline run's weights: ``run_dir`` itself, or the ``retrain/``
+    stage of a main job (``s3pet run``). ConfigError when neither is a finished run."""
     run = Path(run_dir)
+    if not (run / "delta.safetensors").is_file() and (run / "retrain" / "delta.safetensors").is_file():
+        run = run / "retrain"  # the main job's folder: its retrained structure
     if not all((run / f).is_file() for f in ("config.json", "delta.safetensors", "metrics.json")):
+        hint = " (a search run holds no trained weights: retrain its structure.json)" if (
+            run / "search.pt").is_file() else ""
         raise ConfigError(f"{run} is not a finished retrain/baseline run (needs config.json, delta.safetensors "
-                          f"and metrics.json)")
+                          f"and metrics.json){hint}")
+    return run
+
+
+def read_run_config(run_dir: str | Path) -> tuple[Path, dict, TrainConfig]:
+    """``(folder, config.json, its TrainConfig)`` of a finished retrain/baseline run (see ``run_folder``)."""
+    run = run_folder(run_dir)
     try:
         config = read_json(run / "config.json")
         cfg = TrainConfig.from_dict({"pooling": "mean", **config.get("train", {})})  # runs before pooling: mean
     except (OSError, ValueError, AttributeError, TypeError) as e:  # ConfigError passes: it is a one-liner
         raise ConfigError(f"{run / 'config.json'} is not a run config ({type(e).__name__}: {e})") from e
+    missing = [k for k in ("task", "model") if not isinstance(config.get(k), str)]
+    if missing:
+        raise ConfigError(f"{run / 'config.json'} is not a run config (no {' or '.join(missing)})")
+    return run, config, cfg
+
+
+class LoadedRun(NamedTuple):
+    """A finished run's task model with its trained weights, ready to evaluate or predict."""
+
+    path: Path  # the folder of the weights
+    model: TaskModel  # backbone + PET modules (hooked in) + head, on ``device``
+    deltas: object  # the DeltaSet, or None for full fine-tuning
+    card: object  # the TaskCard the head was built for
+    tokenizer: object
+    config: dict  # the run's config.json
+    train: TrainConfig  # its training settings (max_length, eval_batch_size, precision, ...)
+    device: torch.device
+
+
+def load_run(run_dir: str | Path, task: str | None = None, device: str | None = None) -> LoadedRun:
+    """Rebuild a retrain/baseline run (or the main job's ``retrain/``) from its config and
+    ``delta.safetensors``: fresh backbone, the structure's modules with their trained weights, the head.
+
+    ``task`` builds the head for another task's card (its labels must fit the saved head);
+    ``device`` overrides the run's own setting (``auto``, ``cpu``, ``cuda:N``). Needs no task data.
+    Raises ConfigError for a folder that is not a finished run or weights that do not fit it."""
+    from safetensors.torch import load_file
+
+    from s3pet.tasks import get_card
+
+    run, config, cfg = read_run_config(run_dir)
     task = task or config["task"]
     model = config["model"]
+    card = get_card(task)
     backbone = load_backbone(model, seed=cfg.seed)
-    td, tok, enc = prepare_task(task, model, cfg.max_length, cfg.seed, 0, cfg.max_eval_samples,
-                                data_dir or config.get("data_dir"))
-    tm = TaskModel(backbone, td.card, tok, pooling=cfg.pooling)
+    tok = load_tokenizer(model)
+    tm = TaskModel(backbone, card, tok, pooling=cfg.pooling)
     try:
         weights = load_file(str(run / "delta.safetensors"))
     except Exception as e:  # safetensors raises its own error type for a torn file
@@ -347,13 +387,25 @@ def evaluate_run(run_dir: str | Path, task: str | None = None, data_dir: str | N
     except RuntimeError as e:
         raise ConfigError(f"the saved head does not fit task {task} (trained on {config['task']}?): "
                           f"{str(e).splitlines()[0]}") from e
-    device = resolve_device(cfg.device)
-    tm.to(device)
+    dev = resolve_device(device or cfg.device)
+    tm.to(dev).eval()
     if deltaset is not None:
-        deltaset.to(device)
-    res = {s: evaluate(tm, getattr(enc, s), td.card, enc.pad_id, cfg.eval_batch_size, device, cfg.precision)
+        deltaset.to(dev)
+    return LoadedRun(run, tm, deltaset, card, tok, config, cfg, dev)
+
+
+def evaluate_run(run_dir: str | Path, task: str | None = None, data_dir: str | None = None,
+                 split: str = "test") -> dict:
+    """Re-evaluate the saved weights of a retrain/baseline run (or of the main job's ``retrain/``)
+    on a task's validation and test splits."""
+    lr = load_run(run_dir, task)
+    cfg, config = lr.train, lr.config
+    task = task or config["task"]
+    td, _, enc = prepare_task(task, config["model"], cfg.max_length, cfg.seed, 0, cfg.max_eval_samples,
+                              data_dir or config.get("data_dir"))
+    res = {s: evaluate(lr.model, getattr(enc, s), td.card, enc.pad_id, cfg.eval_batch_size, lr.device, cfg.precision)
            for s in ("validation", "test")}
-    return {"run": str(run), "task": task, **res}
+    return {"run": str(lr.path), "task": task, **res}
 
 
 def baseline(method: str, budget: str | int | None, task: str, out: str | Path, cfg: TrainConfig | None = None,

@@ -190,19 +190,29 @@ def encode_task(task_data, tokenizer, max_length: int) -> EncodedTask:
 
 
 @torch.no_grad()
+def batch_logits(model: TaskModel, split: D.EncodedSplit, pad_id: int, batch_size: int, device: torch.device,
+                 precision: str):
+    """Yield ``(logits, batch)`` over a split in its order, in eval mode (the previous mode is restored
+    after). The one forward of evaluation, shared by ``evaluate`` and ``s3pet.predict``."""
+    was = model.training
+    model.eval()
+    try:
+        for batch in D.batches(split, batch_size, pad_id):
+            batch = D.to_device(batch, device)
+            with autocast(device, precision):
+                logits = model(batch)
+            yield logits, batch
+    finally:
+        model.train(was)
+
+
 def evaluate(model: TaskModel, split: D.EncodedSplit, card, pad_id: int, batch_size: int,
              device: torch.device, precision: str) -> dict:
     """Metrics of ``model`` on a split (eval mode restored to the previous mode after)."""
-    was = model.training
-    model.eval()
     preds, labels = [], []
-    for batch in D.batches(split, batch_size, pad_id):
-        batch = D.to_device(batch, device)
-        with autocast(device, precision):
-            logits = model(batch)
+    for logits, batch in batch_logits(model, split, pad_id, batch_size, device, precision):
         preds.append(TaskModel.predict(logits, card.is_regression).cpu())
         labels.append(batch["labels"].cpu())
-    model.train(was)
     if not preds:
         return {"main": float("nan")}
     return compute_metrics(card, torch.cat(preds).tolist(), torch.cat(labels).tolist())

@@ -97,18 +97,20 @@ def average_runs(runs: list[str | Path], budget: str | int, model: str | None = 
     for sp in specs:
         sp.offset = off
         off += sp.units
-    ps = []
+    ps, alphas = [], []
     for p in paths:
         with open(p) as f:
             rows = list(csv.DictReader(f))
         if len(rows) != off:
             raise ConfigError(f"{p}: {len(rows)} candidates, expected {off} for {cfg['model']} / {cfg['space']}")
         ps.append(torch.tensor([float(r["p"]) for r in rows], dtype=torch.float64))
+        alphas.append(torch.tensor([float(r["alpha"]) for r in rows], dtype=torch.float64))
     p = torch.stack(ps).mean(0)
     n = torch.tensor([sp.unit_params for sp in specs for _ in range(sp.units)], dtype=torch.float64)
     bb = count_params(backbone)
     b = B.parse_budget(budget, bb)
-    keep = B.derive(p, n, b)
+    # The mean logits break ties in p, as the search's own derivation does (after restarts, too).
+    keep = B.derive(p, n, b, alpha=torch.stack(alphas).mean(0))
     prov = {"average_of": [str(Path(r)) for r in runs], "tasks": sorted({c["task"] for c in configs})}
     return S.from_specs(kept_specs(specs, keep, p), backbone, load_space(cfg["space_spec"]).name,
                         B.budget_record(b, bb), prov)

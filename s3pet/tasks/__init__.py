@@ -69,7 +69,8 @@ keep their file order inside each split.
 Modules: ``cards`` (the card and its validation), ``registry`` (shipped cards), ``formats``
 (files -> rows), ``examples`` (rows -> examples), ``sources`` (local folder, hub),
 ``pypi`` (pinned sdists and the cache), ``splits`` (split rules), ``load`` (``load_task``,
-``describe_tasks``). Everything public is importable from ``s3pet.tasks``.
+``describe_tasks``), ``inputs`` (new text to predict: ``read_inputs``, ``input_fields``).
+Everything public is importable from ``s3pet.tasks``.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ from __future__ import annotations
 from s3pet.tasks.cards import BENCHMARKS, SIZE_CLASSES, SPLIT_KEYS, TYPES, Example, TaskCard, TaskData
 from s3pet.tasks.examples import MAX_MALFORMED
 from s3pet.tasks.formats import FORMATS
+from s3pet.tasks.inputs import input_examples, input_fields, read_inputs
 from s3pet.tasks.load import NOT_LOCAL, describe_tasks, load_task
 from s3pet.tasks.pypi import CACHE_DIR_ENV, cache_dir
 from s3pet.tasks.registry import get_card, list_tasks
@@ -86,5 +88,6 @@ from s3pet.tasks.splits import DEFAULT_FRACTIONS, HELDOUT_VALIDATION
 __all__ = [
     "BENCHMARKS", "CACHE_DIR_ENV", "DATA_DIR_ENV", "DEFAULT_FRACTIONS", "FORMATS", "HELDOUT_VALIDATION",
     "MAX_MALFORMED", "NOT_LOCAL", "SIZE_CLASSES", "SPLIT_KEYS", "TYPES", "Example", "TaskCard", "TaskData",
-    "cache_dir", "describe_tasks", "get_card", "list_tasks", "load_task",
+    "cache_dir", "describe_tasks", "get_card", "input_examples", "input_fields", "list_tasks", "load_task",
+    "read_inputs",
 ]

@@ -53,7 +53,9 @@ def _guarded(rows, where: str):
         raise TaskError(f"{where}: cannot be read as the card's format ({e})") from e
 
 
-def _example_maker(card: TaskCard) -> Callable[[dict], Example | None]:
+def _example_maker(card: TaskCard, labelled: bool = True) -> Callable[[dict], Example | None]:
+    """Row -> Example by the card's rules; ``labelled=False`` reads no label (new text to predict:
+    the label is -1) and drops nothing."""
     src = card.source
     templates = src.get("templates", {})
     value_maps = src.get("value_maps", {})
@@ -99,10 +101,12 @@ def _example_maker(card: TaskCard) -> Callable[[dict], Example | None]:
         if value_maps:
             row = dict(row)
             for key, mapping in value_maps.items():
+                if not labelled and key not in row:
+                    continue  # e.g. a map of the label: new text has none (its input fields are checked before)
                 if row[key] not in mapping:
                     raise ValueError(f"'{key}' value {row[key]!r} not in {sorted(mapping)}")
                 row[key] = mapping[row[key]]
-        y = label(row)
+        y = label(row) if labelled else -1
         if y is None:
             return None
         return Example(tuple(text(row, k) for k in card.text_fields), y,
