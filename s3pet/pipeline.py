@@ -273,7 +273,7 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
                 structure.save(out / "structure.json")
             write_json(out / "config.json", config)
         res = fit(tm, groups, enc, cfg, out, full=full, on_eval=on_eval, rates=rates, checkpoint=out / "train.pt",
-                  resume=resume)
+                  resume=resume, modules=[tm] if deltaset is None else [tm, deltaset])
         named = {f"head.{k}": v for k, v in tm.head.state_dict().items()}
         if full:
             named.update({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
@@ -288,10 +288,15 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
                    "split_info": td.split_info, "learning_rates": rates, "pooling": tm.pooling,
                    "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
                             "gpu_hours": gpu_hours(res.seconds, device),
-                            "machine": _machine(device)}, **(extra_metrics or {})}
+                            "machine": _machine(device)}, **privacy_metrics(res), **(extra_metrics or {})}
         write_json(out / "metrics.json", metrics)  # last: its presence marks the run finished
         (out / "train.pt").unlink(missing_ok=True)  # finished: nothing to resume
     return metrics
+
+
+def privacy_metrics(res) -> dict:
+    """``{"privacy": ...}`` of a differentially private run (epsilon spent at delta), else ``{}``."""
+    return {"privacy": res.privacy} if res.privacy is not None else {}
 
 
 def retrain(structure_path: str | Path, task: str, out: str | Path, cfg: TrainConfig | None = None,
@@ -414,6 +419,8 @@ def train_peft(method: str, budget: str | int | None, task: str, out: str | Path
     head_ids = {id(p) for p in groups["head"]}
     groups["kind:lora"] = [p for p in tm.peft_model.parameters() if p.requires_grad and id(p) not in head_ids]
     rates = learning_rates(cfg, ["lora"])
+    if cfg.dp and method == "adalora":  # its orthogonality penalty is one term for the whole batch
+        raise ConfigError("--dp does not support adalora (its loss is not a sum over examples)")
     after = PM.adalora_step(tm) if method == "adalora" else None
     device = resolve_device(cfg.device)
     with rundir.RunDir(out, overwrite=overwrite):
@@ -429,7 +436,8 @@ def train_peft(method: str, budget: str | int | None, task: str, out: str | Path
                    "best_step": res.best_step, "steps": res.steps, "params": params, "split_info": td.split_info,
                    "learning_rates": rates, "pooling": "model's own (AutoModelForSequenceClassification)",
                    "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
-                            "gpu_hours": gpu_hours(res.seconds, device), "machine": _machine(device)}}
+                            "gpu_hours": gpu_hours(res.seconds, device), "machine": _machine(device)},
+                   **privacy_metrics(res)}
         write_json(out / "metrics.json", metrics)  # last: its presence marks the run finished
     return metrics
 
