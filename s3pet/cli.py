@@ -19,7 +19,7 @@ log = logging.getLogger("s3pet")
 
 # s3pet.baselines.METHODS + s3pet.peft_methods.METHODS (tested), named here so that --help
 # needs no torch import.
-BASELINE_METHODS = ("full", "lora", "lora-all", "adapter", "bitfit", "lnfit", "random",
+BASELINE_METHODS = ("full", "lora", "lora-all", "adapter", "bitfit", "lnfit", "random", "lst",
                     "peft-lora-r8-qv", "peft-lora-all-r1", "adalora")
 
 
@@ -413,8 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     dp_options(sp)
     sp.set_defaults(model="minilm")
     sp.add_argument("--method", required=True, choices=BASELINE_METHODS,
-                    help="hand-designed method sized to --budget, a random structure, full fine-tuning, or a "
-                         "reference run through HF peft itself (peft-*, adalora)")
+                    help="hand-designed method sized to --budget, a random structure, full fine-tuning, ladder "
+                         "side-tuning (lst: a side network beside the frozen encoder), or a reference run "
+                         "through HF peft itself (peft-*, adalora)")
     sp.add_argument("--budget", default=None, help="required except for full")
     sp.add_argument("--space", default="s3pet-m", help="space of the random method")
     sp.add_argument("--task", required=True)

@@ -167,3 +167,28 @@ def test_dp_needs_opacus_and_refuses_what_it_cannot_do(monkeypatch, capsys, toy,
                 {"dp_accountant": "moments"}):
         with pytest.raises(ConfigError):
             TrainConfig(dp=True, **bad)
+
+
+def test_per_example_gradients_of_a_side_network(tiny_backbone, toy):
+    from s3pet import lst
+
+    backbone = tiny_backbone("tiny-bert")
+    td = load_task(toy, seed=0)
+    enc = encode_task(td, load_tokenizer("tiny-bert"), 32)
+    torch.manual_seed(0)
+    tm, _ = lst.build(backbone, td.card, 20_000)
+    tm.eval()
+    with torch.no_grad():  # the upsampler starts at zero: no gradient would reach the blocks
+        tm.side.up.weight.normal_(std=0.1)
+    params = [*tm.side.parameters(), *tm.head_parameters()]
+    pe = dp.PerExample([tm], params)
+    idx = [2, 7, 11]
+    batch = D.collate(enc.train, idx, enc.pad_id)
+    tm.loss(tm(batch), batch["labels"]).backward()
+    got = [p.grad_sample.clone() for p in params]
+    pe.close()
+    for j, i in enumerate(idx):
+        one = D.collate(enc.train, [i], enc.pad_id)
+        want = torch.autograd.grad(tm.loss(tm(one), one["labels"]), params)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g[j], w, rtol=1e-4, atol=1e-6)
