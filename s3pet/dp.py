@@ -135,11 +135,15 @@ def noise_multiplier(cfg, q: float, steps: int, delta: float) -> float:
     """sigma: ``cfg.dp_noise_multiplier`` if set, else the smallest that keeps ``steps`` steps within ``cfg.dp_epsilon``."""
     if cfg.dp_noise_multiplier:
         return float(cfg.dp_noise_multiplier)
+    import warnings
+
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        return float(get_noise_multiplier(target_epsilon=cfg.dp_epsilon, target_delta=delta, sample_rate=q,
-                                          steps=steps, accountant=cfg.dp_accountant))
+        with warnings.catch_warnings():  # RDP: "optimal order is the largest alpha" (a looser bound, still valid)
+            warnings.simplefilter("ignore")
+            return float(get_noise_multiplier(target_epsilon=cfg.dp_epsilon, target_delta=delta, sample_rate=q,
+                                              steps=steps, accountant=cfg.dp_accountant))
     except ValueError as e:  # Opacus: the target cannot be reached (sigma beyond its search range)
         raise ConfigError(f"--dp-epsilon {cfg.dp_epsilon} cannot be met over {steps} steps at sampling rate "
                           f"{q:.4g}: {e}; raise --dp-epsilon or lower --max-steps/--epochs") from e
