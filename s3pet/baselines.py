@@ -18,7 +18,8 @@ without exceeding the budget:
   bias, when the budget holds fewer.
 - ``random``: candidates of a space in a seeded random order, kept greedily under the budget
   (the same derivation as the search, with random scores).
-``full`` (every weight trains) has no structure.
+``full`` (every weight trains) and ``lst`` (a side network beside the frozen backbone,
+``s3pet.lst``) have no structure.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from s3pet.space import ModuleSpec, Site, discover_sites, instantiate, load_spac
 from s3pet.deltas import KINDS
 from s3pet.supernet import kept_specs
 
-METHODS = ("full", "lora", "lora-all", "adapter", "bitfit", "lnfit", "random")
+METHODS = ("full", "lora", "lora-all", "adapter", "bitfit", "lnfit", "random", "lst")
 
 
 def _spec(site: Site, kind: str, units: int, **params) -> ModuleSpec:
@@ -156,6 +157,8 @@ def baseline_structure(method: str, backbone: nn.Module, budget: int, seed: int 
         raise ConfigError(f"unknown baseline method {method!r}; choose from {', '.join(METHODS)}")
     if method == "full":
         return None
+    if method == "lst":
+        raise ConfigError("lst has no structure: it trains a side network (s3pet.lst, pipeline.train_lst)")
     sites = discover_sites(backbone)
     if method == "random":
         kept = random_specs(sites, budget, space, seed)

@@ -19,7 +19,7 @@ log = logging.getLogger("s3pet")
 
 # s3pet.baselines.METHODS + s3pet.peft_methods.METHODS (tested), named here so that --help
 # needs no torch import.
-BASELINE_METHODS = ("full", "lora", "lora-all", "adapter", "bitfit", "lnfit", "random",
+BASELINE_METHODS = ("full", "lora", "lora-all", "adapter", "bitfit", "lnfit", "random", "lst",
                     "peft-lora-r8-qv", "peft-lora-all-r1", "adalora")
 
 
@@ -118,9 +118,12 @@ def _train_cfg(args, **over):
     d = {k: getattr(args, k) for k in ("epochs", "max_steps", "batch_size", "lr", "full_lr", "head_lr", "weight_decay",
                                         "grad_clip", "grad_accum", "eval_every", "patience", "max_length", "seed",
                                         "device", "precision", "max_train_samples", "max_eval_samples", "compile",
-                                        "lr_scale", "pooling")
+                                        "lr_scale", "pooling", "dp_epsilon", "dp_noise_multiplier", "dp_delta",
+                                        "dp_max_grad_norm", "dp_accountant")
          if getattr(args, k, None) is not None}
     d["progress"] = not args.no_progress
+    if getattr(args, "dp", False):
+        d["dp"] = True
     d.update(over)
     return TrainConfig.from_dict(d)
 
@@ -148,6 +151,11 @@ def _print_metrics(m: dict) -> None:
     print(f"test {m.get('main_metric', 'main')}: {test.get('main', float('nan')):.4f}   "
           f"validation: {val.get('main', float('nan')):.4f}   PET params: {p.get('pet', 0):,} "
           f"(+ head {p.get('head', 0):,})   {m['cost']['seconds']:.0f} s")
+    if m.get("privacy"):
+        v = m["privacy"]
+        print(f"privacy: ({v['epsilon']:.3g}, {v['delta']:g})-DP over {v['steps']} steps (noise multiplier "
+              f"{v['noise_multiplier']:.3g}, clipping norm {v['max_grad_norm']:g}, sampling rate "
+              f"{v['sample_rate']:.3g}, {v['accountant']} accountant)")
 
 
 def cmd_search(args) -> int:
@@ -322,6 +330,21 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--grad-accum", type=int, default=None)
         q.add_argument("--patience", type=int, default=None, help="validations without improvement before stopping")
 
+    def dp_options(q):
+        # TrainConfig's comments say why; defaults: non-private training.
+        q.add_argument("--dp", action="store_true",
+                       help="differentially private training (DP-SGD through Opacus: per-example clipping, "
+                            "Gaussian noise, Poisson sampling); needs pip install 's3pet[dp]'")
+        q.add_argument("--dp-epsilon", type=float, default=None,
+                       help="target epsilon over the planned steps; the noise is solved for it (default 8)")
+        q.add_argument("--dp-noise-multiplier", type=float, default=None,
+                       help="noise std / clipping norm instead of a target epsilon (default 0: from --dp-epsilon)")
+        q.add_argument("--dp-delta", type=float, default=None, help="delta of (epsilon, delta)-DP (default 1e-5)")
+        q.add_argument("--dp-max-grad-norm", type=float, default=None,
+                       help="each example's gradient is clipped to this norm (default 1)")
+        q.add_argument("--dp-accountant", choices=["rdp", "prv"], default=None,
+                       help="privacy accountant (default rdp)")
+
     def search_only(q):
         q.add_argument("--order", choices=["first", "second"], default=None, help="DARTS approximation (default first)")
         q.add_argument("--w-lr", type=float, default=None, help="PET/head learning rate (default 3e-4)")
@@ -383,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("retrain", help="train a structure from scratch and evaluate it")
     common_train(sp)
     train_only(sp)
+    dp_options(sp)
     sp.add_argument("--structure", required=True)
     sp.add_argument("--task", required=True)
     sp.add_argument("--out", required=True)
@@ -394,10 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("baseline", help="train a hand-designed PET method sized to the budget")
     common_train(sp)
     train_only(sp)
+    dp_options(sp)
     sp.set_defaults(model="minilm")
     sp.add_argument("--method", required=True, choices=BASELINE_METHODS,
-                    help="hand-designed method sized to --budget, a random structure, full fine-tuning, or a "
-                         "reference run through HF peft itself (peft-*, adalora)")
+                    help="hand-designed method sized to --budget, a random structure, full fine-tuning, ladder "
+                         "side-tuning (lst: a side network beside the frozen encoder), or a reference run "
+                         "through HF peft itself (peft-*, adalora)")
     sp.add_argument("--budget", default=None, help="required except for full")
     sp.add_argument("--space", default="s3pet-m", help="space of the random method")
     sp.add_argument("--task", required=True)
@@ -469,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("transfer", help="retrain a structure on another task and/or model")
     common_train(sp)
     train_only(sp)
+    dp_options(sp)
     sp.add_argument("--structure", required=True)
     sp.add_argument("--task", required=True)
     sp.add_argument("--mapping", choices=["depth", "stretch"], default="depth",

@@ -4,7 +4,7 @@ The backbone's module tree and state dict stay untouched: every PET module lives
 ``DeltaSet`` (an ``nn.Module`` the caller owns), which registers one forward hook per host
 module. A hook receives the host's input and output and applies, in stage order, the
 modules attached there (scale, then parallel, then sequential). LNFit on a norm recomputes
-the norm with the shifted weight.
+the norm with the shifted weight (``deltas.lnfit.norm_with_weight_delta``).
 
 Gates: a ``DeltaSet`` built with ``gated=True`` reads one gate vector ``self.z`` (one value
 per unit, over all modules, set by the supernet once per step) and hands each module its
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from s3pet.deltas import KINDS, Delta
 from s3pet.space import ModuleSpec
@@ -76,28 +75,14 @@ class DeltaSet(nn.Module):
                 return output  # the norm is being recomputed below: leave that inner call alone
             x = args[0]
             y = output
+            # Every module runs through its own call, with the gate (and the host norm) as keyword
+            # arguments: per-example gradients (``s3pet.dp``) hook each module's call and its tensors.
             if lnfit:
                 spec, d = lnfit[0]
-                y = norm_with_weight_delta(module, x, d.weight_delta(self._gate(spec)))
+                y = d(x, y, gate=self._gate(spec), host=module)
             for spec, d in rest:
-                y = d(x, y, self._gate(spec))
+                y = d(x, y, gate=self._gate(spec))
             return y
 
         return hook
 
-
-def norm_with_weight_delta(norm: nn.Module, x: Tensor, dw: Tensor) -> Tensor:
-    """Recompute a norm layer with weight + dw (fast path for nn.LayerNorm, generic otherwise)."""
-    if isinstance(norm, nn.LayerNorm):
-        w = norm.weight + dw.to(norm.weight.dtype)
-        return F.layer_norm(x, norm.normalized_shape, w, norm.bias, norm.eps)
-    w = norm.weight + dw.to(norm.weight.dtype)
-    if isinstance(norm, getattr(nn, "RMSNorm", ())):
-        return F.rms_norm(x, norm.normalized_shape, w, norm.eps)
-    # Any other norm class: run its own forward with the shifted weight. The flag stops this
-    # host's hook from firing on the inner call.
-    norm._s3pet_recomputing = True
-    try:
-        return torch.func.functional_call(norm, {"weight": w}, (x,))
-    finally:
-        norm._s3pet_recomputing = False

@@ -273,7 +273,7 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
                 structure.save(out / "structure.json")
             write_json(out / "config.json", config)
         res = fit(tm, groups, enc, cfg, out, full=full, on_eval=on_eval, rates=rates, checkpoint=out / "train.pt",
-                  resume=resume)
+                  resume=resume, modules=[tm] if deltaset is None else [tm, deltaset])
         named = {f"head.{k}": v for k, v in tm.head.state_dict().items()}
         if full:
             named.update({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
@@ -288,10 +288,15 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
                    "split_info": td.split_info, "learning_rates": rates, "pooling": tm.pooling,
                    "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
                             "gpu_hours": gpu_hours(res.seconds, device),
-                            "machine": _machine(device)}, **(extra_metrics or {})}
+                            "machine": _machine(device)}, **privacy_metrics(res), **(extra_metrics or {})}
         write_json(out / "metrics.json", metrics)  # last: its presence marks the run finished
         (out / "train.pt").unlink(missing_ok=True)  # finished: nothing to resume
     return metrics
+
+
+def privacy_metrics(res) -> dict:
+    """``{"privacy": ...}`` of a differentially private run (epsilon spent at delta), else ``{}``."""
+    return {"privacy": res.privacy} if res.privacy is not None else {}
 
 
 def retrain(structure_path: str | Path | S.Structure, task: str, out: str | Path, cfg: TrainConfig | None = None,
@@ -364,15 +369,21 @@ def load_run(run_dir: str | Path, task: str | None = None, device: str | None = 
     model = config["model"]
     card = get_card(task)
     backbone = load_backbone(model, seed=cfg.seed)
-    tok = load_tokenizer(model)
-    tm = TaskModel(backbone, card, tok, pooling=cfg.pooling)
+def privacy_metrics(res) -> dict:
+    """``{"privacy": ...}`` of a differentially private run (epsilon spent at delta), else ``{}``."""
+    return {"privacy": res.privacy} if res.privacy is not None else {}
+
+
+def retrain(structure_path: str | Path | S.Structure, task: str, out: str | Path, cfg: TrainConfig | None = None,
     try:
         weights = load_file(str(run / "delta.safetensors"))
     except Exception as e:  # safetensors raises its own error type for a torn file
         raise ConfigError(f"{run / 'delta.safetensors'} cannot be read ({str(e).splitlines()[0]})") from e
     deltaset = None
     try:
-        if "structure" in config:
+        if config.get("method") == "lst":
+            tm.side.load_state_dict({k[len("side."):]: v for k, v in weights.items() if k.startswith("side.")})
+        elif "structure" in config:
             deltaset = S.apply(S.from_dict(config["structure"], str(run / "config.json")), backbone)
             deltaset.load_state_dict({k[len("deltas."):]: v for k, v in weights.items() if k.startswith("deltas.")})
         else:
@@ -424,6 +435,8 @@ def baseline(method: str, budget: str | int | None, task: str, out: str | Path, 
         raise ConfigError(f"--budget is required for method {method}")
     if method == "full" and budget is not None:
         raise ConfigError(f"--budget {budget} does not apply to --method full (every weight trains); drop --budget")
+    if method == "lst":
+        return train_lst(budget, task, out, cfg, model=model, data_dir=data_dir, overwrite=overwrite)
     rundir.check(out, overwrite=overwrite)
     backbone = load_backbone(model, seed=cfg.seed)
     bb = count_params(backbone)
@@ -438,6 +451,48 @@ def baseline(method: str, budget: str | int | None, task: str, out: str | Path, 
                            extra_config={"method": method, "budget": brec,
                                          "space": space if method == "random" else None},
                            overwrite=overwrite, extra_metrics={"method": method})
+
+
+def train_lst(budget: str | int, task: str, out: str | Path, cfg: TrainConfig, model: str = "minilm",
+              data_dir: str | None = None, overwrite: bool = False) -> dict:
+    """Train ladder side-tuning (``s3pet.lst``) sized to ``budget``: config.json, history.jsonl,
+    delta.safetensors (``side.*``, ``head.*``) and metrics.json, as a baseline run."""
+    from s3pet import lst
+
+    out = rundir.check(out, overwrite=overwrite)
+    backbone = load_backbone(model, seed=cfg.seed)
+    lst.dims(backbone)  # an encoder, or a one-line error before anything else loads
+    check_max_length(backbone, cfg.max_length)
+    bb = count_params(backbone)
+    brec = B.budget_record(B.parse_budget(budget, bb), bb)
+    td, tok, enc = prepare_task(task, model, cfg.max_length, cfg.seed, cfg.max_train_samples, cfg.max_eval_samples,
+                                data_dir)
+    torch.manual_seed(cfg.seed)
+    tm, info = lst.build(backbone, td.card, brec["params"], tok, pooling=cfg.pooling)
+    log.info("%s", lst.describe(info))
+    config = {"command": "baseline:lst", "model": model, "task": task, "data_dir": data_dir, "method": "lst",
+              "budget": brec, "lst": info, "train": asdict(cfg), "versions": versions()}
+    groups = {"side": list(tm.side.parameters()), "head": tm.head_parameters()}
+    rate = lst.learning_rate(cfg)
+    rates = {"side": rate, "head": (cfg.head_lr * cfg.lr_scale) or rate}
+    device = resolve_device(cfg.device)
+    with rundir.RunDir(out, overwrite=overwrite):
+        write_json(out / "config.json", config)
+        res = fit(tm, groups, enc, cfg, out, rates=rates)
+        _save_delta(out / "delta.safetensors", {**{f"side.{k}": v for k, v in tm.side.state_dict().items()},
+                                                **{f"head.{k}": v for k, v in tm.head.state_dict().items()}})
+        n_head = sum(p.numel() for p in groups["head"])
+        metrics = {"stage": "baseline:lst", "method": "lst", "task": task, "model": model,
+                   "main_metric": td.card.main_metric, "validation": res.best_validation, "test": res.test,
+                   "best_step": res.best_step, "steps": res.steps,
+                   "params": {"pet": info["params"], "head": n_head, "backbone": bb,
+                              "pet_share_of_backbone": info["params"] / bb},
+                   "lst": info, "split_info": td.split_info, "learning_rates": rates, "pooling": tm.pooling,
+                   "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
+                            "gpu_hours": gpu_hours(res.seconds, device), "machine": _machine(device)},
+                   **privacy_metrics(res)}
+        write_json(out / "metrics.json", metrics)  # last: its presence marks the run finished
+    return metrics
 
 
 def train_peft(method: str, budget: str | int | None, task: str, out: str | Path, cfg: TrainConfig,
@@ -466,6 +521,8 @@ def train_peft(method: str, budget: str | int | None, task: str, out: str | Path
     head_ids = {id(p) for p in groups["head"]}
     groups["kind:lora"] = [p for p in tm.peft_model.parameters() if p.requires_grad and id(p) not in head_ids]
     rates = learning_rates(cfg, ["lora"])
+    if cfg.dp and method == "adalora":  # its orthogonality penalty is one term for the whole batch
+        raise ConfigError("--dp does not support adalora (its loss is not a sum over examples)")
     after = PM.adalora_step(tm) if method == "adalora" else None
     device = resolve_device(cfg.device)
     with rundir.RunDir(out, overwrite=overwrite):
@@ -481,7 +538,8 @@ def train_peft(method: str, budget: str | int | None, task: str, out: str | Path
                    "best_step": res.best_step, "steps": res.steps, "params": params, "split_info": td.split_info,
                    "learning_rates": rates, "pooling": "model's own (AutoModelForSequenceClassification)",
                    "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
-                            "gpu_hours": gpu_hours(res.seconds, device), "machine": _machine(device)}}
+                            "gpu_hours": gpu_hours(res.seconds, device), "machine": _machine(device)},
+                   **privacy_metrics(res)}
         write_json(out / "metrics.json", metrics)  # last: its presence marks the run finished
     return metrics
 

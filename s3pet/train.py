@@ -64,6 +64,13 @@ class TrainConfig:
     log_every: int = 10  # steps between history records
     progress: bool = True  # show a progress bar
     compile: str = "auto"  # auto | on | off: torch.compile the model (auto: GPU, 2,000+ steps)
+    # Differentially private training (s3pet.dp; needs the extra s3pet[dp], i.e. Opacus):
+    dp: bool = False  # DP-SGD: per-example clipping, Gaussian noise, Poisson sampling of each step's batch
+    dp_epsilon: float = 8.0  # target epsilon at dp_delta over the planned steps (the noise is solved for it)
+    dp_noise_multiplier: float = 0.0  # noise std / clipping norm; 0 = solved from dp_epsilon
+    dp_delta: float = 1e-5  # delta of (epsilon, delta)-DP: 1e-5 for every task (a warning when not below 1/n)
+    dp_max_grad_norm: float = 1.0  # each example's gradient is clipped to this norm (C)
+    dp_accountant: str = "rdp"  # rdp (Renyi DP) | prv (privacy random variables: tighter, slower)
 
     def __post_init__(self):
         check_numbers(self, positive=("epochs", "batch_size", "lr_scale", "full_lr", "grad_accum", "max_length",
@@ -71,6 +78,20 @@ class TrainConfig:
                       non_negative=("max_steps", "eval_every", "patience", "max_train_samples", "max_eval_samples",
                                     "weight_decay", "grad_clip", "lr", "head_lr", "warmup_ratio", "seed"),
                       at_most_one=("warmup_ratio",))
+        check_numbers(self, positive=("dp_epsilon", "dp_delta", "dp_max_grad_norm"),
+                      non_negative=("dp_noise_multiplier",))
+        if self.dp_delta >= 1:
+            raise ConfigError(f"dp_delta (--dp-delta) must be below 1, got {self.dp_delta}")
+        if self.dp_accountant not in ("rdp", "prv"):
+            raise ConfigError(f"dp_accountant must be rdp or prv, got {self.dp_accountant!r}")
+        if self.dp:
+            from s3pet.dp import require_opacus
+
+            require_opacus()
+            if self.grad_accum != 1:  # a Poisson batch is the logical batch: no accumulation over several
+                raise ConfigError("--dp samples each step's batch whole; drop --grad-accum")
+            if self.compile == "on":
+                raise ConfigError("--dp runs eager (per-example gradients hook each module); use --compile off")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.pooling not in POOLINGS:
@@ -239,6 +260,7 @@ class TrainResult:
     seconds: float
     peak_memory_mb: float
     history: list = field(default_factory=list)
+    privacy: dict | None = None  # under DP: epsilon spent at delta, noise, clipping, sampling rate
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -288,7 +310,7 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
         run_dir: str | Path | None = None, full: bool = False,
         on_eval: Callable[[int, dict], None] | None = None, rates: dict[str, float] | None = None,
         after_step: Callable[[int], None] | None = None, checkpoint: str | Path | None = None,
-        resume: bool = False) -> TrainResult:
+        resume: bool = False, modules: list[nn.Module] | None = None) -> TrainResult:
     """Train the given parameter groups, keep the best validation state, report test there.
 
     ``groups`` maps a name ("kind:lora", "deltas", "head", "backbone") to parameters; everything
@@ -299,8 +321,10 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
     runs after each optimizer step, before the gradients are cleared, with the
     0-based step index (e.g. AdaLoRA's rank allocator). ``checkpoint``: a file written
     (atomically) after every validation with all that is needed to continue; with ``resume``
-    the run continues from it and ends as the uninterrupted run would. Returns the best
-    validation metrics and the test metrics of that checkpoint.
+    the run continues from it and ends as the uninterrupted run would. ``modules``: the modules
+    that own the trained parameters (default ``[model]``), hooked for per-example gradients
+    when ``cfg.dp`` (``s3pet.dp``). Returns the best validation metrics and the test metrics of
+    that checkpoint (and, under DP, the privacy spent).
     """
     device = resolve_device(cfg.device)
     model.to(device)
@@ -327,6 +351,12 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
     # always left out), never carried into the next epoch's first step.
     per_epoch, total = planned_steps(cfg, len(task.train))
     sched = linear_schedule(opt, total, int(cfg.warmup_ratio * total))
+    private = None
+    if cfg.dp:  # DP-SGD: the optimizer clips and noises per example, batches are Poisson draws
+        from s3pet.dp import Private
+
+        private = Private(modules or [model], opt, task.train, cfg, total)
+        opt = private.optimizer
     eval_every = cfg.eval_every or per_epoch
     hist_path = Path(run_dir) / "history.jsonl" if run_dir and dist.is_main() else None
     if device.type == "cuda":
@@ -356,7 +386,7 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
     model.train()
     bar = tqdm(total=total, initial=step, desc="train", disable=not cfg.progress, leave=False, dynamic_ncols=True)
     running = torch.zeros((), device=device)
-    compiled = accel.Compiled(model, accel.wanted(cfg.compile, device, total))
+    compiled = accel.Compiled(model, accel.wanted(cfg.compile, device, total) and not cfg.dp)
 
     def micro_step(batch) -> torch.Tensor:
         with autocast(device, cfg.precision):
@@ -381,17 +411,21 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
     done = False
     while not done:
         micro = 0
-        epoch_batches = D.batches(task.train, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed,
-                                  epoch=epoch, shard=shard)
+        if private is not None:
+            epoch_batches = private.batches(task.train, task.pad_id, epoch, per_epoch)
+        else:
+            epoch_batches = D.batches(task.train, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed,
+                                      epoch=epoch, shard=shard)
+        step_fn = private.step(micro_step) if private is not None else micro_step
         for batch in itertools.islice(epoch_batches, skip, per_epoch * cfg.grad_accum):
-            running += compiled.run(micro_step, D.to_device(batch, device))
+            running += compiled.run(step_fn, D.to_device(batch, device))
             micro += 1
             if micro % cfg.grad_accum:
                 continue
             if (step + 1) % check_every == 0 and not torch.isfinite(running):
                 raise diverged("the loss", step + 1)
             dist.average_gradients(trainable)
-            if cfg.grad_clip:
+            if cfg.grad_clip and private is None:  # DP clips each example's gradient instead
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             opt.step()
             sched.step()
@@ -438,6 +472,10 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
         skip = 0
     bar.close()
     compiled.close()
+    privacy = None
+    if private is not None:
+        privacy = private.report(step)
+        private.close()
     if best_state is not None:
         with torch.no_grad():
             for p, s in zip(trainable, best_state):
@@ -446,5 +484,5 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
         raise diverged("a trained weight", step)
     test = evaluate(model, task.test, task.card, task.pad_id, cfg.eval_batch_size, device, cfg.precision)
     secs = time.perf_counter() - t0
-    return TrainResult(best or {}, test, best_step, step, secs, peak_memory_mb(device))
+    return TrainResult(best or {}, test, best_step, step, secs, peak_memory_mb(device), privacy=privacy)
 

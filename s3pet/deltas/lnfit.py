@@ -1,6 +1,6 @@
 """LNFit: a trainable delta on a LayerNorm / RMSNorm scale.
 
-The norm is recomputed with weight + gate * delta (the host asks ``weight_delta``), so it
+The norm is recomputed with weight + gate * delta (``forward`` is given the host norm), so it
 works for any norm class with a 1-D ``weight``, including RMSNorm variants that scale by
 (1 + weight).
 """
@@ -8,7 +8,8 @@ works for any norm class with a 1-D ``weight``, including RMSNorm variants that 
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn import functional as F
 
 from s3pet.deltas.base import Delta, DeltaKind, register
 
@@ -23,8 +24,9 @@ class LNFit(Delta):
     def weight_delta(self, gate):
         return self.weight if gate is None else self.weight * gate
 
-    def forward(self, x, y, gate):  # applied by the norm host through weight_delta
-        return y
+    def forward(self, x, y, gate=None, host=None):
+        """The host norm ``host`` recomputed on its input ``x`` with weight + delta (``y`` is its output)."""
+        return norm_with_weight_delta(host, x, self.weight_delta(gate))
 
 
 @register
@@ -39,3 +41,20 @@ class LNFitKind(DeltaKind):
 
     def build(self, site, params, units):
         return LNFit(site.d_out)
+
+
+def norm_with_weight_delta(norm: nn.Module, x: Tensor, dw: Tensor) -> Tensor:
+    """Recompute a norm layer with weight + dw (fast path for nn.LayerNorm, generic otherwise)."""
+    if isinstance(norm, nn.LayerNorm):
+        w = norm.weight + dw.to(norm.weight.dtype)
+        return F.layer_norm(x, norm.normalized_shape, w, norm.bias, norm.eps)
+    w = norm.weight + dw.to(norm.weight.dtype)
+    if isinstance(norm, getattr(nn, "RMSNorm", ())):
+        return F.rms_norm(x, norm.normalized_shape, w, norm.eps)
+    # Any other norm class: run its own forward with the shifted weight. The flag stops this
+    # host's hook from firing on the inner call.
+    norm._s3pet_recomputing = True
+    try:
+        return torch.func.functional_call(norm, {"weight": w}, (x,))
+    finally:
+        norm._s3pet_recomputing = False
