@@ -369,12 +369,15 @@ def load_run(run_dir: str | Path, task: str | None = None, device: str | None = 
     model = config["model"]
     card = get_card(task)
     backbone = load_backbone(model, seed=cfg.seed)
-def privacy_metrics(res) -> dict:
-    """``{"privacy": ...}`` of a differentially private run (epsilon spent at delta), else ``{}``."""
-    return {"privacy": res.privacy} if res.privacy is not None else {}
+    tok = load_tokenizer(model)
+    if config.get("method") == "lst":  # a side network beside the backbone, rebuilt at its width
+        from s3pet import lst
 
-
-def retrain(structure_path: str | Path | S.Structure, task: str, out: str | Path, cfg: TrainConfig | None = None,
+        d, f, layers = lst.dims(backbone)
+        tm = lst.LSTModel(backbone, card, lst.SideNetwork(d, f, layers, config["lst"]["width"]), tok,
+                          pooling=cfg.pooling)
+    else:
+        tm = TaskModel(backbone, card, tok, pooling=cfg.pooling)
     try:
         weights = load_file(str(run / "delta.safetensors"))
     except Exception as e:  # safetensors raises its own error type for a torn file
