@@ -254,10 +254,10 @@ def test_panels_draw_what_moves():
     # no shift controller: the expected size moves, the shift stays 0
     free = P.trajectory(_search_history("none"))
     assert free.budget_gap == pytest.approx(1.99) and P.trajectory_panels(free) == ("losses", "budget", "gates")
-    # histories written before the derivation statistics keep the budget panel
+    # histories written before the derivation statistics: the flat budget panel is dropped
     old = P.trajectory([{k: v for k, v in r.items() if not k.startswith(("p_", "derived"))}
                         for r in _search_history()])
-    assert P.trajectory_panels(old) == ("losses", "budget", "shift", "gates")
+    assert P.trajectory_panels(old) == ("losses", "shift", "gates")
     retrain = P.trajectory([{"step": 10, "loss": 0.5, "lr": 1e-3}, {"step": 10, "eval": {"main": 0.7}}])
     assert P.trajectory_panels(retrain) == ("losses", "validation", "lr")
     assert P.trajectory_panels(P.trajectory([{"step": 1, "loss": 0.5}])) == ("losses",)
@@ -267,8 +267,7 @@ def test_trajectory_figures_have_one_axes_per_panel():
     axes = P.plot_trajectory(P.trajectory(_search_history()))
     assert axes.shape == (2, 2)
     assert [a.get_title(loc="left") for a in axes.flat] == [
-        "losses", "budget use of the structure derived at each step", "shift b of the global sigmoid",
-        "gate probabilities p"]
+        "losses", "derived structure", "shift b of the global sigmoid", "gates"]
     assert axes[1, 1].get_yscale() == "log"  # p near the budget share reads on a log scale
     retrain = P.plot_trajectory(P.trajectory([{"step": s, "loss": 1 / s, "lr": 1e-3} for s in range(1, 9)]
                                              + [{"step": 8, "eval": {"main": 0.7, "f1": 0.6}}]))

@@ -116,16 +116,17 @@ def trajectory_panels(traj: Trajectory) -> tuple[str, ...]:
     against the budget) only when they differ by more than ``HELD``, i.e. for the ``none`` and
     ``l0`` controllers; under the shift controller they are equal at every step, so "derived"
     (the parameters the derivation would keep at each step, per kind, against the budget)
-    takes its place when recorded; "shift" when the shift moved; "gates" (spread of p, the
-    derivation's threshold, entropy). A retrain: "losses", "validation", "lr".
+    takes its place when recorded, and histories without it (older runs) draw neither;
+    "shift" when the shift moved; "gates" (spread of p, the derivation's threshold,
+    entropy). A retrain: "losses", "validation", "lr".
     """
     if traj.is_search:
         panels = ["losses"]
         gap = traj.budget_gap
         if traj.derived_by_kind and (gap is None or gap <= HELD):
             panels.append("derived")
-        elif gap is not None or traj.expected_params.step:
-            panels.append("budget")
+        elif (gap is not None and gap > HELD) or (gap is None and traj.expected_params.step):
+            panels.append("budget")  # held and nothing derived recorded (older runs): two equal lines, dropped
         if any(traj.shift.value):
             panels.append("shift")
         if traj.p_max.step or traj.gate_entropy.step or any(traj.gates_open.value):
@@ -139,9 +140,8 @@ def trajectory_panels(traj: Trajectory) -> tuple[str, ...]:
     return tuple(panels)
 
 
-_TITLES = {"losses": "losses", "budget": "expected parameters against the budget",
-           "derived": "budget use of the structure derived at each step",
-           "shift": "shift b of the global sigmoid", "gates": "gate probabilities p",
+_TITLES = {"losses": "losses", "budget": "expected parameters", "derived": "derived structure",
+           "shift": "shift b of the global sigmoid", "gates": "gates",
            "validation": "validation", "lr": "learning rate"}
 
 
@@ -159,13 +159,14 @@ def plot_trajectory(traj: Trajectory, axes=None, title: str | None = None):
             are hidden); None draws a new figure (2 x 2 for four panels, else one row).
         title: figure title (only when drawing a new figure).
     Returns:
-        the array of Axes (the given shape, else 2 x 2 or 1 x n).
+        the array of Axes (the given shape, else 2 x 2 for a search of 3 or 4 panels, else 1 x n).
     """
     import numpy as np
 
     panels = trajectory_panels(traj)
     if axes is None:
-        rows, cols = (2, 2) if len(panels) == 4 else (1, len(panels))
+        # a search's legends need half a 12-inch figure per panel: 2 x 2 (a spare one hidden)
+        rows, cols = (2, 2) if len(panels) == 4 or (traj.is_search and len(panels) == 3) else (1, len(panels))
         fig = _new_figure(12.0 if cols > 1 else 7.0, 7.5 if rows == 2 else 4.2)
         axes = np.asarray(fig.subplots(rows, cols, sharex=True, squeeze=False), dtype=object)
         fig.set_layout_engine("constrained")
@@ -217,7 +218,9 @@ def _finish(a, name, handles, what, ncol=None):
 
 
 def _note(a, text):
-    a.text(0.98, 0.04, text, transform=a.transAxes, ha="right", va="bottom", fontsize=7.5, color="#444444")
+    """A line of explanation inside the panel's top edge (panels leave headroom for it)."""
+    a.text(0.015, 0.975, text, transform=a.transAxes, ha="left", va="top", fontsize=7.5, color="#444444",
+           bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1.5}, zorder=5)
 
 
 def _losses(a, traj: Trajectory):
@@ -242,7 +245,7 @@ def _budget(a, traj: Trajectory):
         else:
             h += _line(a, b, "budget", _RED, ls="--")
     if h:
-        a.set_ylim(0, 1.12 * max(traj.expected_params.value + b.value))
+        a.set_ylim(0, 1.18 * max(traj.expected_params.value + b.value))
         a.set_ylabel("parameters", fontsize=8.5)
         a.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _human(v)))
         if traj.budget_gap is not None:
@@ -267,13 +270,12 @@ def _derived(a, traj: Trajectory):
     bud = traj.budget.value[-1] if traj.budget.step else None
     if bud:
         h.append(a.axhline(bud, color=_RED, ls="--", lw=1.2, label="budget"))
-    a.set_ylim(0, 1.12 * max(base + [bud or 0.0, 1.0]))
-    a.set_ylabel("parameters kept", fontsize=8.5)
+    a.set_ylim(0, 1.18 * max(base + [bud or 0.0, 1.0]))
+    a.set_ylabel("parameters the derivation keeps", fontsize=8.5)
     a.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _human(v)))
-    if traj.budget_gap is not None:
-        _note(a, f"Σ n_i p_i is held at the budget by the shift (largest gap {_pct(traj.budget_gap)}); "
-                 f"the derivation keeps candidates by p while they fit")
-    _finish(a, "derived", h, "derived structure", ncol=min(len(h), 4))
+    if traj.budget_gap is not None:  # why this panel stands where the expected size would
+        _note(a, f"Σ n_i p_i = budget at every step (largest gap {_pct(traj.budget_gap)})")
+    _finish(a, "derived", h, "derived structure")
 
 
 def _shift(a, traj: Trajectory):
@@ -292,14 +294,24 @@ def _gates(a, traj: Trajectory):
         a.set_ylabel("gate probability p", fontsize=8.5)
         lo = min(v for s in (traj.p_max, traj.p_kept_min, traj.p_median) for v in s.value)
         if lo > 0:
+            from matplotlib.ticker import FuncFormatter
+
             a.set_yscale("log")  # p sits near the budget share: a linear 0..1 axis shows flat lines
+            plain = FuncFormatter(lambda v, _: f"{v:.2g}")
+            a.yaxis.set_major_formatter(plain)
+            a.yaxis.set_minor_formatter(plain)
+            a.tick_params(axis="y", which="minor", labelsize=7)
     elif any(traj.gates_open.value):  # histories before the derivation statistics
         h = _line(a, traj.gates_open, "gates p > 0.5", _GREEN, drawstyle="steps-post")
         a.set_ylabel("gates with p > 0.5", fontsize=8.5)
         a.yaxis.set_major_locator(MaxNLocator(integer=True))
         a.set_ylim(bottom=0)
     if traj.gate_entropy.step:
-        h += _line(_twin(a, "gate entropy"), traj.gate_entropy, "entropy", _ORANGE)
+        if h:
+            h += _line(_twin(a, "gate entropy"), traj.gate_entropy, "entropy", _ORANGE)
+        else:  # nothing else recorded: the entropy gets the axis
+            h = _line(a, traj.gate_entropy, "entropy", _ORANGE)
+            a.set_ylabel("gate entropy", fontsize=8.5)
     _finish(a, "gates", h, "gate statistics")
 
 
@@ -312,6 +324,7 @@ def _validation(a, traj: Trajectory):
         h += _line(a, traj.eval_main, "main", _GREY, marker="o", ms=3)
     if h:
         a.set_ylabel("metric", fontsize=8.5)
+        a.margins(y=0.25)  # headroom for the note
         best = max(range(len(traj.eval_main.value)), key=traj.eval_main.value.__getitem__, default=None)
         if best is not None:
             s, v = traj.eval_main.step[best], traj.eval_main.value[best]
@@ -323,8 +336,10 @@ def _validation(a, traj: Trajectory):
 def _lr(a, traj: Trajectory):
     h = _line(a, traj.lr, "learning rate", _PURPLE)
     if h:
+        from matplotlib.ticker import FuncFormatter
+
         a.set_ylabel("learning rate", fontsize=8.5)
-        a.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        a.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.1e}" if v else "0"))  # no offset by the title
     _finish(a, "lr", h, "learning rate")
 
 
