@@ -54,15 +54,18 @@ class Progress:
         enabled: False shows nothing (``--no-progress``).
         bar: True a tqdm bar, False log lines; None (default) a bar only when stderr is a terminal.
         every_s: longest time between two log lines.
+        tenths: a log line at every tenth of the loop (False: only every ``every_s``, for short
+            loops such as evaluations, whose tenths would come seconds apart).
         delay_s: nothing is shown before this many seconds have passed.
         unit: what a step is called in log lines ("step", "batch").
     """
 
     def __init__(self, total: int, desc: str, *, enabled: bool = True, initial: int = 0,
-                 bar: bool | None = None, every_s: float = 60.0, delay_s: float = 0.0, unit: str = "step"):
+                 bar: bool | None = None, every_s: float = 60.0, tenths: bool = True, delay_s: float = 0.0,
+                 unit: str = "step"):
         self.total, self.desc, self.n, self.unit = int(total), desc, int(initial), unit
         self.enabled = enabled
-        self.every_s, self.delay_s = every_s, delay_s
+        self.every_s, self.delay_s, self.tenths = every_s, delay_s, tenths
         self.fields: dict[str, str] = {}
         self._t0 = time.perf_counter()
         self._start = self.n
@@ -97,7 +100,7 @@ class Progress:
         if now - self._t0 < self.delay_s:
             self._last_tenth = tenth
             return
-        if tenth > self._last_tenth or now - self._last_t >= self.every_s:
+        if (self.tenths and tenth > self._last_tenth) or now - self._last_t >= self.every_s:
             self._emit(now)
         self._last_tenth = tenth
 

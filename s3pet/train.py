@@ -248,8 +248,8 @@ def evaluate(model: TaskModel, split: D.EncodedSplit, card, pad_id: int, batch_s
     was = model.training
     model.eval()
     preds, labels = [], []
-    bar = Progress(D.n_batches(len(split), batch_size), "eval", enabled=progress, delay_s=5.0, every_s=30.0,
-                   unit="batch")
+    bar = Progress(D.n_batches(len(split), batch_size), "eval", enabled=progress, delay_s=5.0, every_s=15.0,
+                   tenths=False, unit="batch")
     for batch in D.batches(split, batch_size, pad_id):
         batch = D.to_device(batch, device)
         with autocast(device, precision):

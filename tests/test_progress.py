@@ -52,6 +52,10 @@ def test_log_mode_every_seconds_delay_and_off(caplog):
         bar.update(1)
     assert len(_lines(caplog)) == 5
     caplog.clear()
+    timed = Progress(10, "eval", bar=False, tenths=False, every_s=1e9, unit="batch")  # time only: quick is silent
+    for _ in range(10):
+        timed.update(1)
+    timed.close()
     short = Progress(10, "eval", bar=False, delay_s=60.0, unit="batch")  # ends before the delay
     for _ in range(10):
         short.update(1)
