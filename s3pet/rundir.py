@@ -131,6 +131,7 @@ class RunDir:
         self._created: Path | None = None  # the topmost folder this run created
         self._fd: int | None = None
         self._log: logging.Handler | None = None
+        self._log_size = 0  # log.txt's size before a resumed run appended to it
 
     def __enter__(self) -> "RunDir":
         check(self.path, resume=self.resume, overwrite=self.overwrite, finished=self.finished)
@@ -148,7 +149,9 @@ class RunDir:
                 tmp.unlink(missing_ok=True)
             if not self.resume:
                 _remove_run_files(self.path)  # an older, unfinished (or overwritten) run's
-            self._log = _attach_log(self.path / LOG)
+            log_file = self.path / LOG
+            self._log_size = log_file.stat().st_size if log_file.is_file() else 0
+            self._log = _attach_log(log_file)
         except BaseException:
             self._release()
             self._remove_created()
@@ -201,6 +204,9 @@ class RunDir:
                     self._remove_created()
                 elif not self.resume:
                     _remove_run_files(self.path)
+                else:  # a failed resume leaves the folder as it was, its log included
+                    with open(self.path / LOG, "r+b") as f:
+                        f.truncate(self._log_size)
                 log.debug("removed the files of the failed run in %s", self.path)
         finally:
             self._detach_log()
