@@ -124,6 +124,7 @@ def _train_cfg(args, **over):
     d["progress"] = not args.no_progress
     if getattr(args, "dp", False):
         d["dp"] = True
+    d["tensorboard"] = getattr(args, "tensorboard", False)
     d.update(over)
     return TrainConfig.from_dict(d)
 
@@ -140,6 +141,7 @@ def _search_cfg(args, **over):
     if getattr(args, "hard", False):
         d["hard"] = True
     d["progress"] = not args.no_progress
+    d["tensorboard"] = getattr(args, "tensorboard", False)
     d.update(over)
     return SearchConfig.from_dict(d)
 
@@ -300,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--epochs", type=float, default=None)
         q.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides epochs)")
         q.add_argument("--batch-size", type=int, default=None)
-        q.add_argument("--max-length", type=int, default=None, help="tokens per input")
+        q.add_argument("--max-length", type=int, default=None,
+                       help="tokens per input (default 128); 0 = from the data: the 95th percentile of the "
+                            "training split's lengths, at most the model's")
         q.add_argument("--seed", type=int, default=None)
         q.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
         q.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
@@ -316,7 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="encoder read-out: auto = the model's own pooler when it has one (as "
                             "AutoModelForSequenceClassification), else the mean over tokens")
         q.add_argument("--grad-clip", type=float, default=None)
-        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+        q.add_argument("--no-progress", action="store_true",
+                       help="no progress bar (a bar on a terminal, else a log line every tenth of a stage)")
+        q.add_argument("--tensorboard", action="store_true",
+                       help="also write the history's metrics to OUT/tb/ for TensorBoard (pip install "
+                            "'s3pet[tensorboard]')")
 
     def overwrite(q):
         q.add_argument("--overwrite", action="store_true", help="replace a finished run in --out (refused without)")

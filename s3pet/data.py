@@ -8,7 +8,8 @@ order as an uninterrupted one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,27 +22,66 @@ class EncodedSplit:
     labels: list
     regression: bool
     n_choices: int = 0
+    lengths: list[int] = field(default_factory=list)  # tokens of each example before truncation (longest row)
+    max_length: int = 0  # the length it was truncated at
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def truncated(self) -> float:
+        """Share of the examples cut at ``max_length``."""
+        return sum(n > self.max_length for n in self.lengths) / len(self.lengths) if self.lengths else 0.0
+
+
+_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _tokenize(tokenizer, ex: Example, max_length: int | None) -> list[dict]:
+    """One dict of token lists per row (several for multiple choice); no truncation for None."""
+    kw = {"truncation": True, "max_length": max_length} if max_length else {"truncation": False}
+    if ex.choices:
+        ctx = " ".join(ex.texts)
+        enc = [tokenizer(ctx, c, **kw) for c in ex.choices]
+    elif len(ex.texts) == 2:
+        enc = [tokenizer(ex.texts[0], ex.texts[1], **kw)]
+    else:
+        enc = [tokenizer(ex.texts[0], **kw)]
+    return [{k: list(v) for k, v in e.items() if k in _KEYS} for e in enc]
+
+
+def token_lengths(examples: list[Example], tokenizer) -> list[int]:
+    """Tokens of each example without truncation (its longest row for multiple choice)."""
+    return [max(len(r["input_ids"]) for r in _tokenize(tokenizer, ex, None)) for ex in examples]
+
+
+def length_from_data(lengths: list[int], cap: int, quantile: float = 0.95) -> int:
+    """A max length that fits ``quantile`` of the examples: that quantile of ``lengths``, rounded
+    up to a multiple of 8, at most the longest example and at most ``cap`` (the model's)."""
+    if not lengths:
+        return cap
+    ordered = sorted(lengths)
+    q = ordered[min(len(ordered) - 1, max(0, math.ceil(quantile * len(ordered)) - 1))]
+    return max(1, min(-(-q // 8) * 8, ordered[-1], cap))
+
 
 def encode(examples: list[Example], tokenizer, max_length: int, regression: bool) -> EncodedSplit:
-    """Tokenise examples (pairs as pairs; multiple choice as one pair per choice)."""
-    rows, labels, n_choices = [], [], 0
+    """Tokenise examples (pairs as pairs; multiple choice as one pair per choice), cut at ``max_length``.
+
+    Each example is tokenised in full first, so the split knows how long it was (``lengths``,
+    ``truncated``); only the longer ones are tokenised again with truncation."""
+    rows, labels, lengths, n_choices = [], [], [], 0
     for ex in examples:
+        enc = _tokenize(tokenizer, ex, None)
+        n = max(len(r["input_ids"]) for r in enc)
+        if n > max_length:
+            enc = _tokenize(tokenizer, ex, max_length)
         if ex.choices:
-            ctx = " ".join(ex.texts)
-            enc = [tokenizer(ctx, c, truncation=True, max_length=max_length) for c in ex.choices]
             n_choices = len(ex.choices)
-        elif len(ex.texts) == 2:
-            enc = [tokenizer(ex.texts[0], ex.texts[1], truncation=True, max_length=max_length)]
-        else:
-            enc = [tokenizer(ex.texts[0], truncation=True, max_length=max_length)]
-        rows.append([{k: list(v) for k, v in e.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-                     for e in enc])
+        rows.append(enc)
         labels.append(ex.label)
-    return EncodedSplit(rows, labels, regression, n_choices)
+        lengths.append(n)
+    return EncodedSplit(rows, labels, regression, n_choices, lengths, max_length)
 
 
 def collate(split: EncodedSplit, idx: list[int], pad_id: int) -> dict:

@@ -1,5 +1,8 @@
 """Atomic file writes: a killed process never leaves a half-written file behind.
 
+Run files are for everyone to read: mode 0644 whatever the temporary file or the umask gave
+(``FILE_MODE``), appended files (history, log) included.
+
 Under data parallelism only rank 0 writes: on other ranks every write here is a no-op.
 """
 
@@ -10,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+FILE_MODE = 0o644
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -24,7 +29,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; run files are for everyone to read
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; run files are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -50,8 +55,21 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line (history files); a line is written in one call."""
     if not _writer():
         return
+    create_readable(path)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=True, default=_default) + "\n")
+
+
+def create_readable(path: str | os.PathLike) -> None:
+    """Create ``path`` empty with mode ``FILE_MODE`` unless it exists (for files opened to append)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, FILE_MODE)  # the umask may have taken bits away
+    finally:
+        os.close(fd)
 
 
 def _default(o: Any) -> Any:

@@ -57,12 +57,15 @@ def _machine(device: torch.device) -> str:
 
 
 def prepare_task(task: str, model: str, max_length: int, seed: int, max_train: int, max_eval: int,
-                 data_dir: str | None):
-    """Load a task and tokenise it for a model; returns (task data, tokenizer, encoded task)."""
+                 data_dir: str | None, positions: int | None = None):
+    """Load a task and tokenise it for a model; returns (task data, tokenizer, encoded task).
+
+    ``max_length`` 0 takes the length from the training split, capped at ``positions`` (the
+    model's position embeddings, see ``max_positions``)."""
     td = load_task(task, data_dir=data_dir, seed=seed, max_train_samples=max_train or None,
                    max_eval_samples=max_eval or None)
     tok = load_tokenizer(model)
-    return td, tok, encode_task(td, tok, max_length)
+    return td, tok, encode_task(td, tok, max_length, positions)
 
 
 def max_positions(backbone: torch.nn.Module) -> int | None:
@@ -128,7 +131,7 @@ def search(model: str, task: str, space: str, budget: str | int, out: str | Path
               "budget": brec, "budget_arg": str(budget), "space_params": total_space, "data_dir": data_dir,
               "search": asdict(cfg), "versions": versions()}
     td, tok, enc = prepare_task(task, model, cfg.max_length, cfg.seed, cfg.max_train_samples, cfg.max_eval_samples,
-                                data_dir)
+                                data_dir, max_positions(backbone))
     if b >= total_space:
         log.warning("budget %d >= the whole space (%d params): every candidate fits, nothing to search", b, total_space)
     with rundir.RunDir(out, resume=resume, overwrite=overwrite):
@@ -171,12 +174,14 @@ def search(model: str, task: str, space: str, budget: str | int, out: str | Path
             kept = sn.derive_specs(b, p=p_mean)
         write_alphas_csv(out / "alphas.csv", rows)
         st = S.from_specs(kept, backbone, space_obj.name, brec,
-                          {"task": task, "seed": cfg.seed, "select": cfg.select, "step": res.best_step
+                          {"task": task, **({"task_name": td.card.name} if td.card.name != task else {}),
+                           "seed": cfg.seed, "select": cfg.select, "step": res.best_step
                            if cfg.select == "best" else res.steps, "order": cfg.order, "controller": cfg.controller,
                            **({"restarts": cfg.restarts} if cfg.restarts > 1 else {})})
         st.save(out / "structure.json")
         device = resolve_device(cfg.device)
         metrics = {"stage": "search", "validation_soft_gates": res.best_validation, "best_step": res.best_step,
+                   **enc.truncation(),
                    "steps": res.steps, "structure": {"n_params": st.n_params, "modules": len(st.modules),
                                                      "by_kind": st.counts_by_kind(), "budget": brec},
                    "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
@@ -196,7 +201,7 @@ def search(model: str, task: str, space: str, budget: str | int, out: str | Path
 
 # Settings a resumed search may change: they do not alter what is computed.
 # Settings a resumed run may change: they do not alter what is computed.
-_RESUME_FREE = ("progress", "device", "compile", "eval_batch_size")
+_RESUME_FREE = ("progress", "device", "compile", "eval_batch_size", "tensorboard")
 
 
 def _check_resume(out: Path, section: str, config: dict, keys: tuple[str, ...]) -> None:
@@ -248,7 +253,7 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
     backbone = load_backbone(model, seed=cfg.seed)
     check_max_length(backbone, cfg.max_length)
     td, tok, enc = prepare_task(task, model, cfg.max_length, cfg.seed, cfg.max_train_samples, cfg.max_eval_samples,
-                                data_dir)
+                                data_dir, max_positions(backbone))
     torch.manual_seed(cfg.seed)
     deltaset = None
     if structure is not None:
@@ -285,7 +290,7 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
                    "validation": res.best_validation, "test": res.test, "best_step": res.best_step,
                    "steps": res.steps, "params": {"pet": n_pet, "head": n_head, "backbone": bb,
                                                   "pet_share_of_backbone": n_pet / bb if bb else 0.0},
-                   "split_info": td.split_info, "learning_rates": rates, "pooling": tm.pooling,
+                   "split_info": td.split_info, "learning_rates": rates, "pooling": tm.pooling, **enc.truncation(),
                    "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
                             "gpu_hours": gpu_hours(res.seconds, device),
                             "machine": _machine(device)}, **privacy_metrics(res), **(extra_metrics or {})}
@@ -408,6 +413,17 @@ def load_run(run_dir: str | Path, task: str | None = None, device: str | None = 
     return LoadedRun(run, tm, deltaset, card, tok, config, cfg, dev)
 
 
+def run_max_length(lr: LoadedRun) -> int:
+    """The max length a loaded run tokenises with: its setting, or, for a length taken from the
+    data (``max_length`` 0), the one the run used (its metrics.json), not one of the data now."""
+    if lr.train.max_length:
+        return lr.train.max_length
+    used = read_json(lr.path / "metrics.json").get("max_length")
+    if isinstance(used, int) and used > 0:
+        return used
+    return max_positions(lr.model.backbone) or 512  # an older run without the record: the model's limit
+
+
 def evaluate_run(run_dir: str | Path, task: str | None = None, data_dir: str | None = None,
                  split: str = "test") -> dict:
     """Re-evaluate the saved weights of a retrain/baseline run (or of the main job's ``retrain/``)
@@ -415,7 +431,7 @@ def evaluate_run(run_dir: str | Path, task: str | None = None, data_dir: str | N
     lr = load_run(run_dir, task)
     cfg, config = lr.train, lr.config
     task = task or config["task"]
-    td, _, enc = prepare_task(task, config["model"], cfg.max_length, cfg.seed, 0, cfg.max_eval_samples,
+    td, _, enc = prepare_task(task, config["model"], run_max_length(lr), cfg.seed, 0, cfg.max_eval_samples,
                               data_dir or config.get("data_dir"))
     res = {s: evaluate(lr.model, getattr(enc, s), td.card, enc.pad_id, cfg.eval_batch_size, lr.device, cfg.precision)
            for s in ("validation", "test")}
@@ -539,6 +555,7 @@ def train_peft(method: str, budget: str | int | None, task: str, out: str | Path
         metrics = {"stage": f"baseline:{method}", "method": method, "task": task, "model": model,
                    "main_metric": td.card.main_metric, "validation": res.best_validation, "test": res.test,
                    "best_step": res.best_step, "steps": res.steps, "params": params, "split_info": td.split_info,
+                   **enc.truncation(),
                    "learning_rates": rates, "pooling": "model's own (AutoModelForSequenceClassification)",
                    "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
                             "gpu_hours": gpu_hours(res.seconds, device), "machine": _machine(device)},
@@ -598,5 +615,17 @@ def format_summary(s: dict, metric: str) -> str:
         lines.append(f"  test {metric}: {v['test']['main']:.4f} ({k}, {v['params']['pet']:,} params)")
     lines.append(f"  time: search {s['cost']['search_seconds']:.0f} s, retrain {s['cost']['retrain_seconds']:.0f} s, "
                  f"total {s['seconds']:.0f} s")
-    lines.append(f"  plots: {', '.join(Path(p).name for p in s['plots'] if str(p).endswith('.png'))}")
+    lines.append(f"  plots: {plot_list(s['plots'])}")
     return "\n".join(lines)
+
+
+def plot_list(paths: list) -> str:
+    """The PNG plots by their path under the plots folder ("search/gates.png, retrain/trajectory.png"):
+    stages hold files of one name, so a bare file name would list "trajectory.png" twice."""
+    import os
+
+    pngs = [Path(p) for p in paths if str(p).endswith(".png")]
+    if not pngs:
+        return "(none)"
+    root = Path(os.path.commonpath([str(p.parent) for p in pngs]))
+    return ", ".join(p.relative_to(root).as_posix() for p in pngs) + f" (in {root}/)"

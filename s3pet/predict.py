@@ -29,7 +29,7 @@ from s3pet import data as D
 from s3pet.errors import ConfigError
 from s3pet.heads import TaskModel
 from s3pet.io import atomic_write_text
-from s3pet.pipeline import LoadedRun, load_run, read_run_config
+from s3pet.pipeline import LoadedRun, load_run, read_run_config, run_max_length
 from s3pet.tasks import Example, get_card, input_examples, read_inputs
 from s3pet.train import batch_logits, resolve_device
 
@@ -64,7 +64,7 @@ class Predictor:
         """Records for ``Example``s (their labels are ignored), in order."""
         cfg, tok = self.run.train, self.run.tokenizer
         batch_size = _check_batch_size(batch_size) or cfg.eval_batch_size
-        split = D.encode(examples, tok, cfg.max_length, self.card.is_regression)
+        split = D.encode(examples, tok, run_max_length(self.run), self.card.is_regression)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0  # as train.encode_task pads
         out: list[dict] = []
         for logits, _ in batch_logits(self.model, split, pad, batch_size, self.run.device, cfg.precision):

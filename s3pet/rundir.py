@@ -16,6 +16,11 @@ module decides what a run folder may be:
 
 The lock is an ``fcntl`` lock on ``.s3pet.lock`` inside the folder: the kernel drops it when
 its holder dies, so a stale lock of a killed process is taken over without a word.
+
+While the run holds the folder, ``log.txt`` in it receives the lines of the console's log (the
+root logger's records, in the console's format), and the periodic progress lines also when the
+console draws a bar (``s3pet.progress``). A stage inside the main job writes its own
+``log.txt``; the main job's holds every stage's lines.
 """
 
 from __future__ import annotations
@@ -25,18 +30,23 @@ import fcntl
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from s3pet import dist
 from s3pet.errors import ConfigError
+from s3pet.io import create_readable
 
 log = logging.getLogger(__name__)
 
 LOCK = ".s3pet.lock"
+LOG = "log.txt"
+RUN_LOG = "s3pet.runlog"  # the logger of lines only run logs receive (progress beside a bar)
 # Files a stage writes into its folder; a new (not resumed) run removes an older run's copies,
 # so a new config.json never stands beside old weights.
 RUN_FILES = ("config.json", "history.jsonl", "metrics.json", "structure.json", "alphas.csv", "search.pt",
-             "delta.safetensors", "summary.json", "train.pt")
+             "delta.safetensors", "summary.json", "train.pt", LOG)
+RUN_DIRS = ("tb",)  # folders of run files (TensorBoard events), removed as the files are
 
 
 def holder(out: Path) -> int | None:
@@ -120,6 +130,8 @@ class RunDir:
         self.resume, self.overwrite, self.finished = resume, overwrite, finished
         self._created: Path | None = None  # the topmost folder this run created
         self._fd: int | None = None
+        self._log: logging.Handler | None = None
+        self._log_size = 0  # log.txt's size before a resumed run appended to it
 
     def __enter__(self) -> "RunDir":
         check(self.path, resume=self.resume, overwrite=self.overwrite, finished=self.finished)
@@ -136,8 +148,10 @@ class RunDir:
             for tmp in self.path.glob(".*.tmp"):  # half-written files of a killed run (we hold the lock)
                 tmp.unlink(missing_ok=True)
             if not self.resume:
-                for name in RUN_FILES:  # an older, unfinished (or overwritten) run's files
-                    (self.path / name).unlink(missing_ok=True)
+                _remove_run_files(self.path)  # an older, unfinished (or overwritten) run's
+            log_file = self.path / LOG
+            self._log_size = log_file.stat().st_size if log_file.is_file() else 0
+            self._log = _attach_log(log_file)
         except BaseException:
             self._release()
             self._remove_created()
@@ -185,12 +199,45 @@ class RunDir:
             if exc is not None and isinstance(exc, Exception) and dist.is_main():
                 # A failed run leaves nothing that could pass for a result (Ctrl-C and kills keep
                 # files: no metrics.json means unfinished, and a search resumes from search.pt).
+                self._detach_log()
                 if self._created is not None:
                     self._remove_created()
                 elif not self.resume:
-                    for name in RUN_FILES:
-                        (self.path / name).unlink(missing_ok=True)
+                    _remove_run_files(self.path)
+                else:  # a failed resume leaves the folder as it was, its log included
+                    with open(self.path / LOG, "r+b") as f:
+                        f.truncate(self._log_size)
                 log.debug("removed the files of the failed run in %s", self.path)
         finally:
+            self._detach_log()
             self._release()
         return False
+
+    def _detach_log(self) -> None:
+        if self._log is not None:
+            for name in (None, RUN_LOG):
+                logging.getLogger(name).removeHandler(self._log)
+            self._log.close()
+            self._log = None
+
+
+def _remove_run_files(folder: Path) -> None:
+    for name in RUN_FILES:
+        (folder / name).unlink(missing_ok=True)
+    for name in RUN_DIRS:
+        if (folder / name).is_dir():
+            shutil.rmtree(folder / name, ignore_errors=True)
+
+
+def _attach_log(path: Path) -> logging.Handler:
+    """A handler writing the console's log lines to ``path`` (created 0644), on the root logger
+    and the run-log-only logger (``RUN_LOG``)."""
+    create_readable(path)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    console = [h for h in logging.getLogger().handlers
+               if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stderr, sys.stdout)]
+    handler.setFormatter(console[0].formatter if console and console[0].formatter
+                         else logging.Formatter("%(message)s"))
+    for name in (None, RUN_LOG):
+        logging.getLogger(name).addHandler(handler)
+    return handler

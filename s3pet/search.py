@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from s3pet import accel
 from s3pet import budget as B
@@ -38,7 +37,9 @@ from s3pet import data as D
 from s3pet import dist
 from s3pet.errors import ConfigError, TrainingError
 from s3pet.heads import TaskModel
-from s3pet.io import append_jsonl, atomic_write_bytes, atomic_write_text
+from s3pet.history import History, check_tensorboard
+from s3pet.io import atomic_write_bytes, atomic_write_text
+from s3pet.progress import Progress
 from s3pet.supernet import CONTROLLERS, GATES, Supernet
 from s3pet.train import (EncodedTask, all_finite, autocast, check_device, check_numbers, evaluate, linear_schedule,
                          make_adamw, peak_memory_mb, resolve_device)
@@ -80,7 +81,7 @@ class SearchConfig:
     select: str = "best"  # best | last: which logits to derive from
     eval_every: int = 0  # steps between validations; 0 = twice per epoch
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at every validation
-    max_length: int = 128
+    max_length: int = 128  # tokens per input (pair); 0 = from the data (95th percentile, capped at the model's)
     pooling: str = "auto"  # encoder read-out, as in TrainConfig: auto | pooler | mean
     eval_batch_size: int = 128
     seed: int = 0
@@ -91,7 +92,8 @@ class SearchConfig:
     max_train_samples: int = 0
     max_eval_samples: int = 0
     log_every: int = 10
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal, periodic log lines otherwise
+    tensorboard: bool = False  # also write history.jsonl's metrics to <run>/tb/ (needs s3pet[tensorboard])
 
     def __post_init__(self):
         if self.order not in ("first", "second"):
@@ -101,12 +103,12 @@ class SearchConfig:
         if self.select not in ("best", "last"):
             raise ConfigError(f"select must be 'best' or 'last', got {self.select!r}")
         check_numbers(self, positive=("epochs", "batch_size", "w_lr", "alpha_lr", "beta", "temperature", "log_every",
-                                      "max_length", "eval_batch_size", "alpha_share", "alpha_init_scale",
+                                      "eval_batch_size", "alpha_share", "alpha_init_scale",
                                       "sensitivity_batches", "alpha_accum", "restarts"),
                       non_negative=("max_steps", "head_lr", "weight_decay", "grad_clip", "warmup_ratio", "l0_weight",
                                     "xi", "eval_every", "checkpoint_every", "seed", "shift_iters",
                                     "max_train_samples", "max_eval_samples", "temperature_final", "warmup_steps",
-                                    "warmup_epochs"),
+                                    "warmup_epochs", "max_length"),
                       at_most_one=("warmup_ratio",))
         if not 0 < self.alpha_share < 1:
             raise ConfigError(f"alpha_share must be in (0, 1), got {self.alpha_share}")
@@ -114,6 +116,7 @@ class SearchConfig:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         accel.check_setting(self.compile)
+        check_tensorboard(self.tensorboard)
         if self.pooling not in ("auto", "pooler", "mean"):
             raise ConfigError(f"pooling must be auto, pooler or mean, got {self.pooling!r}")
         if self.gates not in GATES:
@@ -421,7 +424,8 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
     root.train()
     t0 = time.perf_counter()
     sums = {"loss_w": torch.zeros((), device=device), "loss_alpha": torch.zeros((), device=device)}
-    bar = tqdm(total=total, initial=step, desc="search", disable=not cfg.progress, leave=False, dynamic_ncols=True)
+    bar = Progress(total, "search", enabled=cfg.progress, initial=step)
+    history = History(out, "search", cfg.tensorboard, start_step=step if resume and ckpt.exists() else None)
     it_w = it_a = None
     while step < total:
         if it_w is None or step % nb_w == 0:
@@ -452,20 +456,18 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
             rec = {"step": step, "epoch": step / nb_w, "loss_w": sums["loss_w"].item() / k,
                    "loss_alpha": sums["loss_alpha"].item() / k, "budget": sn.budget,
                    "temperature": sn.temperature, "phase": "warmup" if step <= warm else "bilevel",
-                   **{key: float(v) for key, v in sn.stats(p).items()}}
+                   **{key: float(v) for key, v in sn.stats(p).items()}, **sn.derivation_stats(p)}
             for v in sums.values():
                 v.zero_()
-            if dist.is_main():
-                append_jsonl(hist, rec)
-            bar.set_postfix(lw=f"{rec['loss_w']:.3f}", la=f"{rec['loss_alpha']:.3f}",
-                            E=f"{rec['expected_params']:.0f}/{sn.budget}")
+            history.write(rec)
+            bar.set(loss_w=f"{rec['loss_w']:.3f}", loss_alpha=f"{rec['loss_alpha']:.3f}",
+                    kept=f"{rec['derived_kept']} candidates", p_max=f"{rec['p_max']:.2f}")
         if step % eval_every == 0 or step == total:
             with torch.no_grad():
                 sn.expected_gates()
                 m = evaluate(root.task_model, task.validation, task.card, task.pad_id, cfg.eval_batch_size, device,
-                             cfg.precision)
-            if dist.is_main():
-                append_jsonl(hist, {"step": step, "eval": m})
+                             cfg.precision, progress=cfg.progress)
+            history.write({"step": step, "eval": m})
             # Logits still at their initial zeros (inside the warm-up) say nothing: never select them.
             informed = step > warm or (step == warm and scored)
             if informed and (best is None or m["main"] > best["main"]):
@@ -474,6 +476,7 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
             _save_checkpoint(ckpt, root, bl, step, best, best_step, best_alpha,
                              seconds + time.perf_counter() - t0, device)
     bar.close()
+    history.close()
     bl.compiled.close()
     sn.solver = B.solve_shift
     seconds += time.perf_counter() - t0

@@ -185,6 +185,23 @@ class Supernet(nn.Module):
                 "expected_params": B.expected_params(p.double(), self.n),
                 "gate_entropy": B.gate_entropy(p), "gates_open": (p > 0.5).sum()}
 
+    def derivation_stats(self, p: Tensor) -> dict:
+        """What the greedy derivation would keep from ``p`` now, for history.jsonl (plain numbers):
+        ``derived_params_by_kind`` ({kind: parameters}), ``derived_kept`` (candidates kept) and the
+        spread of the gates: ``p_max``, ``p_median`` and ``p_kept_min`` (the last kept p: the
+        derivation's threshold). With the shift controller sum_i n_i p_i always equals the
+        budget, so these, not the expected size, show how the search moves."""
+        p = p.detach().double().cpu()
+        keep = B.derive(p, self.n.cpu(), self.budget, alpha=self.alpha.detach().double().cpu())
+        by_kind: dict[str, int] = {}
+        for spec in self.specs:
+            r = int(keep[spec.offset:spec.offset + spec.units].sum())
+            if r:
+                by_kind[spec.kind] = by_kind.get(spec.kind, 0) + r * spec.unit_params
+        return {"derived_params_by_kind": by_kind, "derived_kept": int(keep.sum()),
+                "p_max": float(p.max()), "p_median": float(p.median()),
+                "p_kept_min": float(p[keep].min()) if bool(keep.any()) else 0.0}
+
     def forward(self, *args, **kwargs):
         return self.backbone(*args, **kwargs)
 

@@ -21,15 +21,15 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from s3pet import accel
 from s3pet import data as D
 from s3pet import dist
 from s3pet.errors import ConfigError, TaskError, TrainingError
 from s3pet.heads import TaskModel
-from s3pet.io import append_jsonl
+from s3pet.history import History, check_tensorboard
 from s3pet.metrics import compute_metrics
+from s3pet.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     eval_every: int = 0  # steps between validations; 0 = once per epoch
     patience: int = 0  # validations without improvement before stopping; 0 = never stop early
-    max_length: int = 128  # tokens per (pair of) sentence(s)
+    max_length: int = 128  # tokens per input (pair); 0 = from the data (95th percentile, capped at the model's)
     eval_batch_size: int = 128
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -62,7 +62,8 @@ class TrainConfig:
     max_train_samples: int = 0  # 0 = all; a seeded subset for quick runs
     max_eval_samples: int = 0  # 0 = all; caps validation and test
     log_every: int = 10  # steps between history records
-    progress: bool = True  # show a progress bar
+    progress: bool = True  # a progress bar on a terminal, periodic log lines otherwise
+    tensorboard: bool = False  # also write history.jsonl's metrics to <run>/tb/ (needs s3pet[tensorboard])
     compile: str = "auto"  # auto | on | off: torch.compile the model (auto: GPU, 2,000+ steps)
     # Differentially private training (s3pet.dp; needs the extra s3pet[dp], i.e. Opacus):
     dp: bool = False  # DP-SGD: per-example clipping, Gaussian noise, Poisson sampling of each step's batch
@@ -73,9 +74,10 @@ class TrainConfig:
     dp_accountant: str = "rdp"  # rdp (Renyi DP) | prv (privacy random variables: tighter, slower)
 
     def __post_init__(self):
-        check_numbers(self, positive=("epochs", "batch_size", "lr_scale", "full_lr", "grad_accum", "max_length",
+        check_numbers(self, positive=("epochs", "batch_size", "lr_scale", "full_lr", "grad_accum",
                                       "eval_batch_size", "log_every"),
                       non_negative=("max_steps", "eval_every", "patience", "max_train_samples", "max_eval_samples",
+                                    "max_length",
                                     "weight_decay", "grad_clip", "lr", "head_lr", "warmup_ratio", "seed"),
                       at_most_one=("warmup_ratio",))
         check_numbers(self, positive=("dp_epsilon", "dp_delta", "dp_max_grad_norm"),
@@ -98,6 +100,7 @@ class TrainConfig:
             raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         check_device(self.device)
         accel.check_setting(self.compile)
+        check_tensorboard(self.tensorboard)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -202,12 +205,59 @@ class EncodedTask:
     pad_id: int
     split_info: dict = field(default_factory=dict)
 
+    @property
+    def max_length(self) -> int:
+        """The length every split was cut at."""
+        return self.train.max_length
 
-def encode_task(task_data, tokenizer, max_length: int) -> EncodedTask:
+    def truncation(self) -> dict:
+        """For metrics.json: the length used and the share of each split's examples cut there."""
+        return {"max_length": self.max_length,
+                "truncated": {s: round(getattr(self, s).truncated, 4) for s in ("train", "validation", "test")}}
+
+
+_SANE_MAX = 1_000_000  # tokenizers without a limit report ~1e30 as model_max_length
+
+
+def model_max_length(tokenizer, positions: int | None) -> int:
+    """The longest input the model takes: its position embeddings, else the tokenizer's limit, else 512."""
+    if positions:
+        return int(positions)
+    n = getattr(tokenizer, "model_max_length", None)
+    return int(n) if isinstance(n, int) and 0 < n < _SANE_MAX else 512
+
+
+def encode_task(task_data, tokenizer, max_length: int, positions: int | None = None) -> EncodedTask:
+    """Tokenise every split at ``max_length`` tokens (0: from the training split's lengths, see
+    ``data.length_from_data``, capped at the model's ``positions``); warns with the share of
+    examples cut when any is."""
     reg = task_data.card.is_regression
+    cap = model_max_length(tokenizer, positions)
+    if max_length == 0:
+        lengths = D.token_lengths(task_data.train, tokenizer)
+        max_length = D.length_from_data(lengths, cap)
+        log.info("max length from the data: %d tokens (95th percentile of the %d training examples, longest %d, "
+                 "model limit %d)", max_length, len(lengths), max(lengths, default=0), cap)
     enc = {s: D.encode(getattr(task_data, s), tokenizer, max_length, reg) for s in ("train", "validation", "test")}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return EncodedTask(task_data.card, enc["train"], enc["validation"], enc["test"], pad, task_data.split_info)
+    task = EncodedTask(task_data.card, enc["train"], enc["validation"], enc["test"], pad, task_data.split_info)
+    _warn_truncation(task, cap)
+    return task
+
+
+def _warn_truncation(task: EncodedTask, cap: int) -> None:
+    shares = {s: getattr(task, s).truncated for s in ("train", "validation", "test")}
+    if not any(shares.values()):
+        return
+    lengths = sorted(task.train.lengths or [0])
+    p95 = lengths[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)]
+    lost = sum(max(0, n - task.max_length) for n in task.train.lengths) / max(1, sum(task.train.lengths))
+    hint = ("the model takes no more" if task.max_length >= cap else
+            f"--max-length 0 takes it from the data (95th percentile, at most the model's {cap})")
+    log.warning("max length %d cuts %.1f%% of the training examples of %s (validation %.1f%%, test %.1f%%), "
+                "%.1f%% of their tokens; longest %d tokens, 95th percentile %d; %s",
+                task.max_length, 100 * shares["train"], task.card.name, 100 * shares["validation"],
+                100 * shares["test"], 100 * lost, lengths[-1], p95, hint)
 
 
 @torch.no_grad()
@@ -228,12 +278,18 @@ def batch_logits(model: TaskModel, split: D.EncodedSplit, pad_id: int, batch_siz
 
 
 def evaluate(model: TaskModel, split: D.EncodedSplit, card, pad_id: int, batch_size: int,
-             device: torch.device, precision: str) -> dict:
-    """Metrics of ``model`` on a split (eval mode restored to the previous mode after)."""
+             device: torch.device, precision: str, progress: bool = False) -> dict:
+    """Metrics of ``model`` on a split (eval mode restored to the previous mode after).
+
+    ``progress``: show the progress of an evaluation that lasts more than a few seconds."""
     preds, labels = [], []
+    bar = Progress(D.n_batches(len(split), batch_size), "eval", enabled=progress, delay_s=5.0, every_s=15.0,
+                   tenths=False, unit="batch")
     for logits, batch in batch_logits(model, split, pad_id, batch_size, device, precision):
         preds.append(TaskModel.predict(logits, card.is_regression).cpu())
         labels.append(batch["labels"].cpu())
+        bar.update(1)
+    bar.close()
     if not preds:
         return {"main": float("nan")}
     return compute_metrics(card, torch.cat(preds).tolist(), torch.cat(labels).tolist())
@@ -359,12 +415,13 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
         opt = private.optimizer
     eval_every = cfg.eval_every or per_epoch
     hist_path = Path(run_dir) / "history.jsonl" if run_dir and dist.is_main() else None
+    resumed = resume and checkpoint is not None and Path(checkpoint).is_file()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     best, best_state, best_step, bad = None, None, 0, 0
     step, epoch, t0 = 0, 0, time.perf_counter()
-    if resume and checkpoint is not None and Path(checkpoint).is_file():
+    if resumed:
         state = load_checkpoint(checkpoint)
         with torch.no_grad():
             for p, v in zip(trainable, state["trainable"], strict=True):
@@ -384,7 +441,8 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
         hist_path.unlink()
     skip = (step - epoch * per_epoch) * cfg.grad_accum  # micro-batches of the current epoch already done
     model.train()
-    bar = tqdm(total=total, initial=step, desc="train", disable=not cfg.progress, leave=False, dynamic_ncols=True)
+    bar = Progress(total, "train", enabled=cfg.progress, initial=step)
+    history = History(run_dir if hist_path else None, "train", cfg.tensorboard, start_step=step if resumed else None)
     running = torch.zeros((), device=device)
     compiled = accel.Compiled(model, accel.wanted(cfg.compile, device, total) and not cfg.dp)
 
@@ -402,6 +460,7 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
 
     def diverged(what: str, at: int):
         bar.close()
+        history.close()
         compiled.close()  # the next model of the process compiles afresh
         clip = "" if cfg.grad_clip else " or set --grad-clip (now off)"
         top = max(rates.values())
@@ -439,15 +498,14 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
                 if not math.isfinite(val):
                     raise diverged("the loss", step)
                 running.zero_()
-                bar.set_postfix(loss=f"{val:.4f}")
-                if hist_path:
-                    append_jsonl(hist_path, {"step": step, "epoch": epoch, "loss": val, "lr": sched.get_last_lr()[0]})
+                bar.set(loss=f"{val:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+                history.write({"step": step, "epoch": epoch, "loss": val, "lr": sched.get_last_lr()[0]})
             if step % eval_every == 0 or step == total:
                 if not all_finite(trainable):
                     raise diverged("a trained weight", step)
-                m = evaluate(model, task.validation, task.card, task.pad_id, cfg.eval_batch_size, device, cfg.precision)
-                if hist_path:
-                    append_jsonl(hist_path, {"step": step, "epoch": epoch, "eval": m})
+                m = evaluate(model, task.validation, task.card, task.pad_id, cfg.eval_batch_size, device, cfg.precision,
+                             progress=cfg.progress)
+                history.write({"step": step, "epoch": epoch, "eval": m})
                 if best is None or m["main"] > best["main"]:
                     best, best_step, bad = m, step, 0
                     best_state = [p.detach().clone() for p in trainable]
@@ -471,6 +529,7 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
         epoch += 1
         skip = 0
     bar.close()
+    history.close()
     compiled.close()
     privacy = None
     if private is not None:
@@ -482,7 +541,8 @@ def fit(model: TaskModel, groups: dict[str, list[nn.Parameter]], task: EncodedTa
                 p.copy_(s)
     if not all_finite(trainable):
         raise diverged("a trained weight", step)
-    test = evaluate(model, task.test, task.card, task.pad_id, cfg.eval_batch_size, device, cfg.precision)
+    test = evaluate(model, task.test, task.card, task.pad_id, cfg.eval_batch_size, device, cfg.precision,
+                    progress=cfg.progress)
     secs = time.perf_counter() - t0
     return TrainResult(best or {}, test, best_step, step, secs, peak_memory_mb(device), privacy=privacy)
 

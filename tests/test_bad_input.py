@@ -194,7 +194,7 @@ def _replace(base: list[str], flag: str, value: str) -> list[str]:
 SETTINGS = [
     *[(f"{cmd}-{flag}-{v}", _with(base, f"--{flag}", v), flag.replace("-", "_"))
       for cmd, base in (("search", SEARCH), ("retrain", RETRAIN), ("baseline", BASELINE))
-      for flag, v in (("epochs", "nan"), ("epochs", "inf"), ("epochs", "0"), ("max-length", "0"),
+      for flag, v in (("epochs", "nan"), ("epochs", "inf"), ("epochs", "0"), ("max-length", "-1"),
                       ("seed", "-1"), ("grad-clip", "nan"), ("head-lr", "-1"), ("eval-every", "-2"),
                       ("max-train-samples", "-1"), ("device", "foo"), ("device", "gpu"), ("device", "mps"))],
     *[(f"search-{flag}-{v}", _with(SEARCH, f"--{flag}", v), flag.replace("-", "_"))

@@ -180,6 +180,28 @@ def test_gate_grid_errors():
         P.gate_grid([{"layer": "x", "role": "attn.q", "kind": "lora", "p": "1", "stack": "e"}])
 
 
+def test_gate_grid_marks_the_kept_modules_of_the_structure():
+    s = _structure({"encoder": 2}, [_mod("encoder", 0, "attn.q", "lora", rank=1, n=10),
+                                    _mod("encoder", 0, "attn.q", "bitfit", n=4)])
+    g = P.gate_grid(ALPHA_ROWS, structure=s)
+    assert g.kept == {("encoder", 0, "attn.q", "lora"): 1, ("encoder", 0, "attn.q", "bitfit"): 1}
+    assert g.n_kept_modules == 2 and g.n_layers == {"encoder": 2}  # the structure's layers
+    title = P.gates_title(g)
+    assert "outlined: the 2 modules of the derived structure (2 of the candidates" in title
+    assert "p from 0.10 to 0.60" in title and "> 0.5" not in title  # no count of p > 0.5
+    assert "outlined" not in P.gates_title(P.gate_grid(ALPHA_ROWS))  # no structure: nothing marked
+
+
+def test_titles_name_a_task_card_by_its_name():
+    assert P.task_label({"task": "rte"}) == "rte"
+    assert P.task_label({"task": "/home/u/cards/news.json", "task_name": "news-topics"}) == "news-topics"
+    assert P.task_label({"task": "/home/u/cards/news.json"}) == "news"  # written before task_name
+    assert P.task_label({}) is None
+    title = P.structure_title(P.structure_grid(bert() | {"provenance": {"task": "/x/y/card.json",
+                                                                        "task_name": "toy", "seed": 0}}))
+    assert "task toy, seed 0" in title and "/x/y" not in title
+
+
 def test_read_alphas_checks_columns(tmp_path):
     path = tmp_path / "alphas.csv"
     path.write_text("index,site,p\n0,a,0.5\n")
@@ -208,6 +230,48 @@ def test_trajectory_series_with_missing_keys():
     assert t.loss == P.Series((20.0,), (0.4,)) and t.lr.value == (1e-4,)
     empty = P.trajectory([])
     assert empty.gates_open == P.Series((), ()) and empty.eval_main == P.Series((), ())
+
+
+def _search_history(controller="shift", n=30):
+    recs = []
+    for step in range(1, n + 1):
+        held = controller == "shift"
+        recs.append({"step": step, "loss_w": 1 / step, "loss_alpha": 0.9, "budget": 100,
+                     "shift": 1.5 + step / 100 if held else 0.0,
+                     "expected_params": 100.0 if held else 300 - step, "gate_entropy": 0.5, "gates_open": 0,
+                     "p_max": 0.2 + step / 100, "p_median": 0.1, "p_kept_min": 0.15, "derived_kept": 5,
+                     "derived_params_by_kind": {"lora": 60, "bitfit": 30} if step < 20 else {"lora": 90}})
+    return recs + [{"step": n, "eval": {"main": 0.8}}]
+
+
+def test_panels_draw_what_moves():
+    t = P.trajectory(_search_history())
+    assert t.derived_by_kind == {"lora": P.Series(tuple(map(float, range(1, 31))), (60.0,) * 19 + (90.0,) * 11),
+                                 "bitfit": P.Series(tuple(map(float, range(1, 31))), (30.0,) * 19 + (0.0,) * 11)}
+    assert t.budget_gap == 0.0 and t.p_kept_min.value[0] == 0.15
+    # the shift holds sum n p at the budget: the derived structure's size replaces the flat panel
+    assert P.trajectory_panels(t) == ("losses", "derived", "shift", "gates")
+    # no shift controller: the expected size moves, the shift stays 0
+    free = P.trajectory(_search_history("none"))
+    assert free.budget_gap == pytest.approx(1.99) and P.trajectory_panels(free) == ("losses", "budget", "gates")
+    # histories written before the derivation statistics: the flat budget panel is dropped
+    old = P.trajectory([{k: v for k, v in r.items() if not k.startswith(("p_", "derived"))}
+                        for r in _search_history()])
+    assert P.trajectory_panels(old) == ("losses", "shift", "gates")
+    retrain = P.trajectory([{"step": 10, "loss": 0.5, "lr": 1e-3}, {"step": 10, "eval": {"main": 0.7}}])
+    assert P.trajectory_panels(retrain) == ("losses", "validation", "lr")
+    assert P.trajectory_panels(P.trajectory([{"step": 1, "loss": 0.5}])) == ("losses",)
+
+
+def test_trajectory_figures_have_one_axes_per_panel():
+    axes = P.plot_trajectory(P.trajectory(_search_history()))
+    assert axes.shape == (2, 2)
+    assert [a.get_title(loc="left") for a in axes.flat] == [
+        "losses", "derived structure", "shift b of the global sigmoid", "gates"]
+    assert axes[1, 1].get_yscale() == "log"  # p near the budget share reads on a log scale
+    retrain = P.plot_trajectory(P.trajectory([{"step": s, "loss": 1 / s, "lr": 1e-3} for s in range(1, 9)]
+                                             + [{"step": 8, "eval": {"main": 0.7, "f1": 0.6}}]))
+    assert retrain.shape == (1, 3) and retrain[0, 1].get_title(loc="left") == "validation"
 
 
 def test_read_history_skips_a_truncated_last_line(tmp_path):

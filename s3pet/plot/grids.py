@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from pathlib import PurePath
 from typing import Iterable, NamedTuple, Sequence
 
 from s3pet.errors import ConfigError, StructureError
@@ -61,6 +62,17 @@ class StructureGrid(NamedTuple):
         return _roles_with(self.roles[stack], self.keep, stack, kind)
 
 
+def task_label(provenance: dict) -> str | None:
+    """The task as a title names it: the card's name (``task_name``), not the path of a card file;
+    for structures written before ``task_name``, a path's file name without its suffix."""
+    name = provenance.get("task_name") or provenance.get("task")
+    if not isinstance(name, str) or not name:
+        return None
+    if "/" in name or "\\" in name or name.endswith((".json", ".yaml", ".yml")):
+        name = PurePath(name.replace("\\", "/")).stem or name
+    return name
+
+
 def _info_of(structure: dict) -> dict:
     base = structure.get("base_model") or {}
     budget = structure.get("budget") or {}
@@ -68,7 +80,7 @@ def _info_of(structure: dict) -> dict:
     return {"model": str(base.get("name_or_path", "?")), "model_type": base.get("model_type"),
             "backbone_params": base.get("n_params"), "space": structure.get("space"),
             "budget_params": budget.get("params"), "budget_fraction": budget.get("fraction"),
-            "n_params": structure.get("n_params"), "task": prov.get("task"),
+            "n_params": structure.get("n_params"), "task": task_label(prov),
             "seed": prov.get("seed")}
 
 
@@ -195,6 +207,17 @@ class GateGrid(NamedTuple):
     count: dict[Key, int]        # candidates in the cell (LoRA rank components, adapter units)
     n_open: dict[Key, int]       # candidates with p > 0.5
     agg: str
+    kept: dict[Key, int] = {}    # units the derived structure keeps in the cell (its rank), when given
+    n_kept_modules: int = 0      # modules of that structure
+
+    @property
+    def n_candidates(self) -> int:
+        return sum(self.count.values())
+
+    @property
+    def p_range(self) -> tuple[float, float]:
+        """Smallest and largest cell value (NaN, NaN without cells)."""
+        return (min(self.p.values()), max(self.p.values())) if self.p else (math.nan, math.nan)
 
     def roles_of(self, stack: str, kind: str) -> tuple[str, ...]:
         """Roles where ``kind`` has candidates in ``stack``."""
@@ -202,14 +225,16 @@ class GateGrid(NamedTuple):
 
 
 def gate_grid(rows: Iterable[dict], agg: str = "mean",
-              n_layers: dict[str, int] | None = None) -> GateGrid:
+              n_layers: dict[str, int] | None = None, structure: dict | None = None) -> GateGrid:
     """Aggregate candidate gate probabilities per cell.
 
     Args:
         rows: ``alphas.csv`` rows (strings or numbers; needs layer, role, kind, p and a stack or
             a site naming it).
         agg: "mean" or "max" of the candidates' p in a cell.
-        n_layers: blocks per stack, when known (from a structure); else inferred.
+        n_layers: blocks per stack, when known (from a structure); else inferred (and taken
+            from ``structure`` when given).
+        structure: the structure derived from these gates: ``kept`` gives its units per cell.
 
     Raises:
         ConfigError: ``agg`` is neither "mean" nor "max".
@@ -218,6 +243,14 @@ def gate_grid(rows: Iterable[dict], agg: str = "mean",
     if agg not in ("mean", "max"):
         raise ConfigError(f"gate aggregation must be 'mean' or 'max', not {agg!r}")
     rows = list(rows)
+    kept: dict[Key, int] = defaultdict(int)
+    n_modules = 0
+    if structure is not None:
+        stacks, mods = _modules_of(structure)
+        n_layers = n_layers or stacks
+        for m in mods:
+            kept[(m.stack, m.layer, m.role, m.kind)] += int(m.rank)
+        n_modules = len(mods)
     known = list(n_layers) if n_layers else sorted({r["stack"] for r in rows if r.get("stack")})
     values: dict[Key, list[float]] = defaultdict(list)
     blocks: dict[str, int] = {}  # last block index per stack, over every row
@@ -245,4 +278,21 @@ def gate_grid(rows: Iterable[dict], agg: str = "mean",
         count={k: len(values[k]) for k in keys},
         n_open={k: sum(v > 0.5 for v in values[k]) for k in keys},
         agg=agg,
+        kept={k: kept[k] for k in keys if kept.get(k)},
+        n_kept_modules=n_modules,
     )
+
+
+def gates_title(grid: GateGrid) -> str:
+    """Title of the gate plot: what a cell shows, the spread of p, and what the derivation kept.
+
+    No count of p > 0.5: the shift holds sum_i n_i p_i at the budget, so under a small budget
+    every p stays far below 0.5 and what matters is the order, which the derivation follows."""
+    lo, hi = grid.p_range
+    head = (f"gate probabilities: {grid.agg} p of each cell's {grid.n_candidates:,} candidates"
+            + (f" · p from {lo:.2f} to {hi:.2f}" if grid.p else ""))
+    if not grid.n_kept_modules:
+        return head
+    units = sum(grid.kept.values())
+    return (head + f"\noutlined: the {grid.n_kept_modules} module{'s' * (grid.n_kept_modules != 1)} of the "
+            f"derived structure ({units:,} of the candidates, kept greedily by p under the budget)")

@@ -6,10 +6,12 @@ import math
 
 from s3pet.errors import ConfigError, StructureError
 from s3pet.plot.common import RANKED_KINDS, _code, _kind_entry, _shows_rank
-from s3pet.plot.grids import GateGrid, StructureGrid, cell_label, structure_title
+from s3pet.plot.grids import GateGrid, StructureGrid, cell_label, gates_title, structure_title
 from s3pet.plot.panels import (_boundaries, _col_width, _colour_bar, _heatmap_panels, _kind_legend,
                                _Panel, _result, _y_labels)
 from s3pet.plot.style import _light, _text_colour, _text_width, kind_colour
+
+KEPT = "#FF5A36"  # outline of the gate cells the derived structure keeps: stands out on all of viridis
 
 
 def _panel(grid, s: str, title: str, roles: tuple[str, ...], cell, col_w: float | None = None) -> _Panel:
@@ -134,21 +136,22 @@ def plot_average(grid: StructureGrid, ax=None):
 
 def plot_gates(grid: GateGrid, ax=None):
     """Draw gate probabilities: one panel per (stack, kind), cells coloured by p on a fixed
-    0..1 scale and labelled with it; blank cells have no candidate. Returns Axes (or array)."""
+    0..1 scale and labelled with it; blank cells have no candidate. Cells holding a module of
+    the derived structure (``grid.kept``) are outlined. Returns Axes (or array)."""
     from matplotlib import colormaps
 
     cmap = colormaps["viridis"]
 
     def cell(key):
         p = grid.p.get(key)
-        return None if p is None else ([cmap(p)], f"{p:.2f}", "black" if p > 0.6 else "white")
+        if p is None:
+            return None
+        return [cmap(p)], f"{p:.2f}", "black" if p > 0.6 else "white", KEPT if key in grid.kept else None
 
     rows = _kind_rows(grid, lambda kind: kind, cell, col_w=_col_width(["0.00"]))
     if not rows:
         raise StructureError("no gate probabilities to plot")
-    n_cand, n_open = sum(grid.count.values()), sum(grid.n_open.values())
-    title = (f"gate probabilities: {grid.agg} p of each cell's candidates · "
-             f"{n_open} of {n_cand} candidates have p > 0.5")
+    title = gates_title(grid)
     fig, axes, anchor = _heatmap_panels(ax, rows, 0.9, title)
     _colour_bar(fig, anchor, cmap, f"{grid.agg} p")
     return _result(axes)

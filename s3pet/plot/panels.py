@@ -10,7 +10,8 @@ from s3pet.plot.style import _light, _new_figure, _text_width, kind_colour
 
 class _Panel(NamedTuple):
     """One heatmap panel: cells (row, col) -> (fill colours, one vertical stripe each; text;
-    text colour), drawn with rectangles so that a cell can hold several kinds."""
+    text colour[; outline colour]), drawn with rectangles so that a cell can hold several kinds.
+    An outlined cell is framed and its text bold (the gate plot's kept modules)."""
 
     title: str
     x_labels: tuple[str, ...]
@@ -102,19 +103,25 @@ def _draw_panel(ax, panel: _Panel, show_layers: bool = True):
     from matplotlib.patches import Rectangle
 
     n_rows, n_cols = len(panel.y_labels), len(panel.x_labels)
-    for (i, j), (fills, text, tcol) in panel.cells.items():
+    outlines = []
+    for (i, j), (fills, text, tcol, *outline) in panel.cells.items():
         w = 1.0 / max(len(fills), 1)
         for k, c in enumerate(fills):
             ax.add_patch(Rectangle((j + k * w, i), w, 1, facecolor=c, edgecolor="none"))
         if text:
             ax.text(j + 0.5, i + 0.53, text, ha="center", va="center", fontsize=_FONT,
-                    color=tcol)
+                    color=tcol, fontweight="bold" if outline and outline[0] else "normal")
+        if outline and outline[0]:
+            outlines.append((i, j, outline[0]))
     for j in range(n_cols + 1):
         ax.axvline(j, color="#c8c8c8", lw=0.6)
     for i in range(n_rows + 1):
         ax.axhline(i, color="#c8c8c8", lw=0.6)
     for i in panel.boundaries:
         ax.axhline(i, color="#555555", lw=1.0, ls=(0, (3, 2)))
+    for i, j, colour in outlines:  # over the grid lines
+        ax.add_patch(Rectangle((j + 0.06, i + 0.08), 0.88, 0.84, facecolor="none", edgecolor=colour, lw=1.8,
+                               zorder=3))
     ax.set_xlim(0, n_cols)
     ax.set_ylim(n_rows, 0)
     ax.set_xticks([j + 0.5 for j in range(n_cols)])

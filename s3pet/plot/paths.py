@@ -58,7 +58,7 @@ def _stage_jobs(folder: Path, rel: Path, label: str,
             drawn.add(key)
         n_layers = _modules_of(structure)[0]
     if (folder / "alphas.csv").is_file():
-        grid = gate_grid(read_alphas(folder / "alphas.csv"), n_layers=n_layers)
+        grid = gate_grid(read_alphas(folder / "alphas.csv"), n_layers=n_layers, structure=structure)
         if grid.p:
             jobs.append(_Job("gates", folder, rel, label, 2, lambda g=grid: plot_gates(g)))
     if (folder / "history.jsonl").is_file():
