@@ -287,7 +287,8 @@ MODELS = "hub id, local folder, or alias (minilm, tiny-bert, tiny-t5, tiny-gpt2,
 BUDGET = "PET parameters (25000, 25k) or share of the backbone (0.05%)"
 
 
-def model(default=None) -> Arg:
+def model_arg(default=None) -> Arg:
+    """``--model``, the same in every command; without a default: the structure's base model."""
     return Arg(("--model",), MODELS if default else f"{MODELS}; default: the structure's base model", default)
 
 
@@ -303,18 +304,18 @@ RUNS = Arg(("--run", "--runs"), "run directory (repeat --run, or list after --ru
 
 COMMANDS = (
     Command("space", "list every candidate of a search space on a model", cmd_space, (
-        model("minilm"), SPACE, Arg(("--json",), "machine-readable output", False, kw={"action": "store_true"}))),
+        model_arg("minilm"), SPACE, Arg(("--json",), "machine-readable output", False, kw={"action": "store_true"}))),
     Command("tasks", "list the known tasks", cmd_tasks, (
         DATA_DIR, Arg(("--json",), "machine-readable output", False, kw={"action": "store_true"}))),
     Command("search", "search a structure under a parameter budget", cmd_search, (
-        model("minilm"), TASK, SPACE, Arg(("--budget",), BUDGET, required=True), DATA_DIR, OUT,
+        model_arg("minilm"), TASK, SPACE, Arg(("--budget",), BUDGET, required=True), DATA_DIR, OUT,
         Arg(("--resume",), "continue a killed search from its checkpoint (OUT/search.pt)", False,
             kw={"action": "store_true"}), OVERWRITE),
         {"search": "SearchConfig"}, {"model": "model", "task": "task", "space": "space", "budget_arg": "budget",
                                      "data_dir": "data_dir"},
         ("command", "versions", "space_spec", "space_params", "budget", "restart")),
     Command("retrain", "train a structure from scratch and evaluate it", cmd_retrain, (
-        STRUCTURE, model(), TASK, DATA_DIR, OUT,
+        STRUCTURE, model_arg(), TASK, DATA_DIR, OUT,
         Arg(("--resume",), "continue a killed retrain from its checkpoint (OUT/train.pt, written at every "
                            "validation)", False, kw={"action": "store_true"}), OVERWRITE),
         {"train": "TrainConfig"}, {"model": "model", "task": "task", "data_dir": "data_dir"},
@@ -324,8 +325,8 @@ COMMANDS = (
                            "reference run through HF peft itself (peft-*, adalora)", required=True,
             kw={"choices": BASELINE_METHODS}),
         Arg(("--budget",), BUDGET + "; required except for full"),
-        Arg(("--space",), "search space of the random method", "s3pet-m"), model("minilm"), TASK, DATA_DIR, OUT,
-        OVERWRITE),
+        Arg(("--space",), "search space of the random method", "s3pet-m"), model_arg("minilm"), TASK, DATA_DIR,
+        OUT, OVERWRITE),
         {"train": "TrainConfig"}, {"model": "model", "task": "task", "data_dir": "data_dir", "method": "method",
                                    "budget": "budget", "space": "space"},
         ("command", "versions", "structure", "peft")),
@@ -335,7 +336,7 @@ COMMANDS = (
     Command("run", "the main job: search, derive, retrain, evaluate, plot", cmd_run, (OUT, DATA_DIR, OVERWRITE),
             "RunConfig", {"data_dir": "data_dir"}),
     Command("optuna", "discrete structure search: Optuna samples structures, each is retrained", cmd_optuna, (
-        model("minilm"), TASK, SPACE, Arg(("--budget",), BUDGET, required=True), DATA_DIR,
+        model_arg("minilm"), TASK, SPACE, Arg(("--budget",), BUDGET, required=True), DATA_DIR,
         Arg(("--out",), "run directory (default: outputs/optuna/<study>)")),
         {"optuna": "OptunaConfig", "train": "TrainConfig"}),
     Command("plot", "plot runs or structures (heatmaps, gates, trajectory, graph)", cmd_plot, (
@@ -344,7 +345,7 @@ COMMANDS = (
         Arg(("--out",), "output folder (or file for a single plot); default: beside each input"),
         Arg(("--format",), "comma-separated image formats: png, svg, pdf", "png,svg"))),
     Command("transfer", "retrain a structure on another task and/or model", cmd_transfer, (
-        STRUCTURE, model(), TASK, DATA_DIR, OUT, OVERWRITE),
+        STRUCTURE, model_arg(), TASK, DATA_DIR, OUT, OVERWRITE),
         {"transfer": "TransferConfig", "train": "TrainConfig"}, {"model": "model", "task": "task",
                                                                   "data_dir": "data_dir"},
         ("command", "versions", "structure", "source_structure")),
@@ -354,7 +355,8 @@ COMMANDS = (
         Arg(("--structure", "--run"), "structure.json, or the run directory holding it", required=True),
         Arg(("--weights",), "delta.safetensors of a retrain run (default: the one beside the structure)"),
         Arg(("--merge",), "the same as --to merged", False, kw={"action": "store_true"}),
-        model(), Arg(("--task",), "task card (name or path) of the head; default: the run's task"), OUT),
+        model_arg(), Arg(("--task",), "task card (name or path) of the head; default: the run's task"),
+        Arg(("--out",), "folder to write the export to", required=True)),
         {"export": "ExportConfig"}),
 )
 
@@ -440,7 +442,7 @@ def parse(argv: list[str] | None = None) -> Parsed:
             setattr(args, dest, pos)
     settings, from_file = {}, {}
     if getattr(args, "config", None):
-        settings, from_file = flags.read_config(args.config, tree, c.replay, c.records)
+        settings, from_file = flags.read_config(args.config, tree, c.replay, c.records, c.name)
         if isinstance(from_file.get("budget"), dict):  # a run's budget record: its parameter count
             from_file["budget"] = str(from_file["budget"].get("params"))
     missing = []

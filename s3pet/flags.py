@@ -150,7 +150,8 @@ def _make(cls, prefix: tuple, values: dict):
     return cls(**kw)
 
 
-def read_config(path: str | Path, tree, inputs: dict[str, str], records: tuple[str, ...]) -> tuple[dict, dict]:
+def read_config(path: str | Path, tree, inputs: dict[str, str], records: tuple[str, ...],
+                command: str | None = None) -> tuple[dict, dict]:
     """Read a saved ``config.json`` (or a JSON file of the same shape) for ``--config``.
 
     Args:
@@ -158,6 +159,8 @@ def read_config(path: str | Path, tree, inputs: dict[str, str], records: tuple[s
         inputs: top-level keys of the file that are the command's own arguments -> their name
             (``{"budget_arg": "budget", "task": "task"}``); a key seen twice keeps the later one.
         records: top-level keys a run writes beside its settings (versions, ...); skipped.
+        command: the command reading it; a file whose ``command`` is another one is refused
+            (``baseline:lora`` is a ``baseline``).
     Returns:
         (settings by leaf path, the command's arguments by name).
     Raises:
@@ -171,6 +174,10 @@ def read_config(path: str | Path, tree, inputs: dict[str, str], records: tuple[s
         raise ConfigError(f"--config {path}: not valid JSON ({e})") from e
     if not isinstance(d, dict):
         raise ConfigError(f"--config {path}: must be a JSON object, got {type(d).__name__}")
+    wrote = d.get("command")
+    if command and isinstance(wrote, str) and wrote.split(":")[0] != command:
+        raise ConfigError(f"--config {path} holds the settings of 's3pet {wrote.split(':')[0]}', not of "
+                          f"'s3pet {command}'")
     paths = {leaf.path for leaf in leaves(tree)}
     sections = {p[:-1] for p in paths if len(p) > 1}
     settings, args = {}, {}

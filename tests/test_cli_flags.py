@@ -169,14 +169,25 @@ def test_a_replayed_search_reproduces_its_run(tmp_path, capsys):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text(), name
 
 
+def test_a_replayed_baseline_has_its_method_budget_and_settings(tmp_path):
+    toy = str(write_sentiment_task(tmp_path / "task", n_train=32, n_eval=16))
+    argv = ["baseline", "--method", "lora", "--budget", "600", "--model", "tiny-bert", "--task", toy, "--max-steps",
+            "2", "--batch-size", "8", "--no-progress", "--lr-scale", "0.5", "--pooling", "mean"]
+    assert cli.main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert cli.main(["baseline", "--config", str(tmp_path / "a" / "config.json"), "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "config.json").read_text()) for d in "ab")
+    assert a == b and a["method"] == "lora" and a["budget"]["params"] == 600 and a["train"]["lr_scale"] == 0.5
+
+
 @pytest.mark.parametrize("content,needle", [
     ({"search": {"epochs": 1.0, "colour": "red"}}, "unknown setting 'search.colour'"),
     ({"model": "tiny-bert", "speed": 3}, "unknown key 'speed'"),
     ({"search": [1]}, "'search' must be an object"),
     ({"search": {"precision": "fp16"}}, "precision must be one of auto, fp32, bf16"),
+    ({"command": "retrain", "train": {}}, "settings of 's3pet retrain', not of 's3pet search'"),
     ([1, 2], "must be a JSON object"),
     ("{", "not valid JSON"),
-], ids=["unknown-setting", "unknown-key", "section-not-object", "bad-value", "array", "not-json"])
+], ids=["unknown-setting", "unknown-key", "section-not-object", "bad-value", "other-command", "array", "not-json"])
 def test_a_bad_config_file_is_one_line_naming_the_key(content, needle, tmp_path, capsys):
     p = tmp_path / "config.json"
     p.write_text(content if isinstance(content, str) else json.dumps(content))
@@ -209,7 +220,8 @@ def test_same_names_across_commands_and_the_older_spellings():
         assert p(["average", *argv, "--budget", "1k", "--out", "s.json"]).args.run == ["A", "B"], argv
     assert p(["export", "--run", "r", "--out", "o"]).args.structure == "r"
     assert p(["export", "--structure", "r", "--out", "o", "--merge"]).cfg["export"].to == "merged"
-    assert p(["retrain", "--structure", "s", "--task", "t", "--out", "o", "--no-progress"]).cfg["train"].progress is False
+    retrain = p(["retrain", "--structure", "s", "--task", "t", "--out", "o", "--no-progress"])
+    assert retrain.cfg["train"].progress is False
     for argv in (["-v", "tasks"], ["tasks", "-v"], ["tasks", "--verbose"]):
         assert p(argv).args.verbose is True, argv
     assert p(["-q", "tasks"]).args.quiet is True and p(["tasks", "-q"]).args.quiet is True
