@@ -25,11 +25,12 @@ from typing import Callable, TypeVar
 import torch
 from torch import nn
 
+from s3pet.configs import COMPILE
 from s3pet.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-CHOICES = ("auto", "on", "off")
+CHOICES = COMPILE  # TrainConfig / SearchConfig.compile
 # Steps from which ``auto`` compiles on a GPU. Measured on an H100 (BERT-base, s3pet-m):
 # compiling the search's graphs takes about 3 minutes and saves about 0.1 s per step, a
 # retrain's about 40 s for 0.025 s per step; both pay for themselves after ~1,500-1,800

@@ -1,4 +1,10 @@
-"""The ``s3pet`` command. Every S3petError becomes one line on stderr and exit status 2."""
+"""The ``s3pet`` command. Every S3petError becomes one line on stderr and exit status 2.
+
+Each subcommand is one ``Command`` in ``COMMANDS``: its own arguments (``Arg``: what it runs
+on, where it writes) and its settings, the stage configs of ``s3pet.configs``, whose fields
+``s3pet.flags`` turns into flags. A field added to a config is a flag of every command that
+uses that config, with no edit here; a new command is one more ``Command``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from typing import Callable, NamedTuple
 
 from s3pet.errors import S3petError
 
@@ -36,7 +43,7 @@ def _quiet_libraries() -> None:
 
 # --------------------------------------------------------------------------- space
 
-def cmd_space(args) -> int:
+def cmd_space(args, cfg=None) -> int:
     from s3pet.models import count_params, load_backbone
     from s3pet.space import discover_sites, instantiate, load_space
 
@@ -88,10 +95,9 @@ def format_space_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-
 # --------------------------------------------------------------------------- tasks
 
-def cmd_tasks(args) -> int:
+def cmd_tasks(args, cfg=None) -> int:
     from s3pet.tasks import describe_tasks
 
     rows = describe_tasks(args.data_dir)
@@ -112,40 +118,6 @@ def cmd_tasks(args) -> int:
 
 # --------------------------------------------------------------------------- training stages
 
-def _train_cfg(args, **over):
-    from s3pet.train import TrainConfig
-
-    d = {k: getattr(args, k) for k in ("epochs", "max_steps", "batch_size", "lr", "full_lr", "head_lr", "weight_decay",
-                                        "grad_clip", "grad_accum", "eval_every", "patience", "max_length", "seed",
-                                        "device", "precision", "max_train_samples", "max_eval_samples", "compile",
-                                        "lr_scale", "pooling", "dp_epsilon", "dp_noise_multiplier", "dp_delta",
-                                        "dp_max_grad_norm", "dp_accountant")
-         if getattr(args, k, None) is not None}
-    d["progress"] = not args.no_progress
-    if getattr(args, "dp", False):
-        d["dp"] = True
-    d["tensorboard"] = getattr(args, "tensorboard", False)
-    d.update(over)
-    return TrainConfig.from_dict(d)
-
-
-def _search_cfg(args, **over):
-    from s3pet.search import SearchConfig
-
-    names = ("order", "epochs", "max_steps", "batch_size", "w_lr", "alpha_lr", "head_lr", "grad_clip", "beta",
-             "temperature", "controller", "select", "eval_every", "max_length", "seed", "device", "precision",
-             "max_train_samples", "max_eval_samples", "l0_weight", "xi", "compile", "pooling",
-             "temperature_final", "gates", "warmup_steps", "warmup_epochs", "alpha_init", "alpha_init_scale", "sensitivity_batches",
-             "selector", "alpha_accum", "restarts")
-    d = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-    if getattr(args, "hard", False):
-        d["hard"] = True
-    d["progress"] = not args.no_progress
-    d["tensorboard"] = getattr(args, "tensorboard", False)
-    d.update(over)
-    return SearchConfig.from_dict(d)
-
-
 def _print_metrics(m: dict) -> None:
     test = m.get("test", {})
     val = m.get("validation", {})
@@ -160,10 +132,10 @@ def _print_metrics(m: dict) -> None:
               f"{v['sample_rate']:.3g}, {v['accountant']} accountant)")
 
 
-def cmd_search(args) -> int:
+def cmd_search(args, cfg) -> int:
     from s3pet.pipeline import search
 
-    m = search(args.model, args.task, args.space, args.budget, args.out, _search_cfg(args), resume=args.resume,
+    m = search(args.model, args.task, args.space, args.budget, args.out, cfg["search"], resume=args.resume,
                data_dir=args.data_dir, overwrite=args.overwrite)
     s = m["structure"]
     kinds = ", ".join(f"{k} x{v['modules']}" for k, v in sorted(s["by_kind"].items()))
@@ -172,23 +144,23 @@ def cmd_search(args) -> int:
     return 0
 
 
-def cmd_retrain(args) -> int:
+def cmd_retrain(args, cfg) -> int:
     from s3pet.pipeline import retrain
 
-    _print_metrics(retrain(args.structure, args.task, args.out, _train_cfg(args), model=args.model,
+    _print_metrics(retrain(args.structure, args.task, args.out, cfg["train"], model=args.model,
                            data_dir=args.data_dir, overwrite=args.overwrite, resume=args.resume))
     return 0
 
 
-def cmd_baseline(args) -> int:
+def cmd_baseline(args, cfg) -> int:
     from s3pet.pipeline import baseline
 
-    _print_metrics(baseline(args.method, args.budget, args.task, args.out, _train_cfg(args), model=args.model,
+    _print_metrics(baseline(args.method, args.budget, args.task, args.out, cfg["train"], model=args.model,
                             space=args.space, data_dir=args.data_dir, overwrite=args.overwrite))
     return 0
 
 
-def cmd_evaluate(args) -> int:
+def cmd_evaluate(args, cfg) -> int:
     from s3pet.pipeline import evaluate_run
 
     r = evaluate_run(args.run, args.task, data_dir=args.data_dir)
@@ -196,7 +168,7 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_predict(args) -> int:
+def cmd_predict(args, cfg) -> int:
     from s3pet.predict import predict_file
 
     n = predict_file(args.run, args.input, args.out, batch_size=args.batch_size, device=args.device)
@@ -204,21 +176,21 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
+def cmd_run(args, cfg) -> int:
     from s3pet.pipeline import run_all
 
-    run_all(args.model, args.task, args.space, args.budget, args.out, _search_cfg(args, epochs=args.search_epochs),
-            _train_cfg(args), compare=args.compare, data_dir=args.data_dir, overwrite=args.overwrite)
+    run_all(args.out, cfg, data_dir=args.data_dir, overwrite=args.overwrite)
     return 0
 
 
-def cmd_optuna(args) -> int:
+def cmd_optuna(args, cfg) -> int:
     from s3pet.optuna_search import optuna_search
 
-    m = optuna_search(args.model, args.task, args.space, args.budget, args.out, args.trials, storage=args.storage,
-                      study_name=args.study, objective=args.objective, pruner=args.pruner, cfg=_train_cfg(args),
-                      data_dir=args.data_dir, seed=args.seed or 0, granularity=args.granularity,
-                      layer_groups=args.layer_groups)
+    o, train = cfg["optuna"], cfg["train"]
+    m = optuna_search(args.model, args.task, args.space, args.budget, args.out, o.trials, storage=o.storage,
+                      study_name=o.study, objective=o.objective, pruner=o.pruner, cfg=train,
+                      data_dir=args.data_dir, seed=train.seed, granularity=o.granularity,
+                      layer_groups=o.layer_groups)
     t, best = m["trials"], m["best"]
     print(f"study {m['study']}: {t['total']} trials ({t['complete']} complete, {t['pruned']} pruned, "
           f"{t['failed']} failed); this worker ran {len(t['this_worker']['numbers'])} in {m['cost']['seconds']:.0f} s")
@@ -230,40 +202,44 @@ def cmd_optuna(args) -> int:
     return 0
 
 
-def cmd_plot(args) -> int:
+def cmd_plot(args, cfg) -> int:
     from s3pet.plot import plot_paths
 
     fmts = tuple(args.format.split(","))
-    for p in plot_paths(args.inputs, args.out, formats=fmts):
+    for p in plot_paths(args.run, args.out, formats=fmts):
         print(p)
     return 0
 
 
-def cmd_transfer(args) -> int:
+def cmd_transfer(args, cfg) -> int:
+    from dataclasses import asdict
+
     from s3pet import structure as S
     from s3pet.models import load_backbone
     from s3pet.pipeline import train_structure
     from s3pet.transfer import map_structure
 
+    mapping = cfg["transfer"].mapping
     st = S.load(args.structure)
     model = args.model or st.base_model.get("name_or_path")
     if args.model and args.model != st.base_model.get("name_or_path"):
-        st = map_structure(st, load_backbone(args.model), args.mapping)
-        print(f"mapped onto {args.model} ({args.mapping}, budget {st.provenance['transfer']['budget']}): {st.summary()}")
-    m = train_structure(st, args.task, model, args.out, _train_cfg(args), data_dir=args.data_dir, stage="transfer",
-                        extra_config={"source_structure": str(args.structure)}, overwrite=args.overwrite)
+        st = map_structure(st, load_backbone(args.model), mapping)
+        print(f"mapped onto {args.model} ({mapping}, budget {st.provenance['transfer']['budget']}): {st.summary()}")
+    m = train_structure(st, args.task, model, args.out, cfg["train"], data_dir=args.data_dir, stage="transfer",
+                        extra_config={"source_structure": str(args.structure), "transfer": asdict(cfg["transfer"])},
+                        overwrite=args.overwrite)
     _print_metrics(m)
     return 0
 
 
-def cmd_average(args) -> int:
+def cmd_average(args, cfg) -> int:
     from s3pet.errors import ConfigError
     from s3pet.transfer import average_runs
 
     if os.path.isdir(args.out):
         raise ConfigError(f"--out {args.out} is a folder; give the structure file to write, e.g. "
                           f"{os.path.join(args.out, 'structure.json')}")
-    st = average_runs(args.runs, args.budget)
+    st = average_runs(args.run, args.budget)
     try:
         st.save(args.out)
     except OSError as e:
@@ -272,277 +248,286 @@ def cmd_average(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
+def cmd_export(args, cfg) -> int:
     from s3pet.export import export_run
 
-    path = export_run(args.structure, args.out, to="merged" if args.merge else args.to, weights_path=args.weights,
-                      model=args.model, untrained=args.untrained, task=args.task)
+    e = cfg["export"]
+    path = export_run(args.structure, args.out, to=e.to, weights_path=args.weights, model=args.model,
+                      untrained=e.untrained, task=args.task)
     print(f"exported to {path}")
     return 0
 
 
+# --------------------------------------------------------------------------- commands
+
+class Arg(NamedTuple):
+    """One of a command's own arguments (what it runs on, where it writes), beside its settings.
+
+    ``default`` applies after ``--config``, so a replayed file can give the value; ``required``
+    is checked then too. ``kw`` goes to ``add_argument`` (action, choices, nargs).
+    """
+
+    flags: tuple[str, ...]
+    help: str
+    default: object = None
+    required: bool = False
+    kw: dict = {}
+
+    @property
+    def dest(self) -> str:
+        return self.flags[0].lstrip("-").replace("-", "_")
+
+
+class Command(NamedTuple):
+    """A subcommand: its function ``func(args, cfg)``, its own arguments and its settings.
+
+    ``tree``: the settings, as ``s3pet.flags`` reads them (``{section: config class name}`` or a
+    class name, looked up in ``s3pet.configs`` when the parser is built). ``replay``: keys of a
+    saved config.json that give own arguments (``--config``; None: no ``--config``).
+    ``records``: keys a run writes beside its settings, skipped by ``--config``.
+    """
+
+    name: str
+    help: str
+    func: Callable
+    args: tuple[Arg, ...] = ()
+    tree: object = None
+    replay: dict | None = None
+    records: tuple[str, ...] = ("command", "versions")
+
+
+MODELS = "hub id, local folder, or alias (minilm, tiny-bert, tiny-t5, tiny-gpt2, tiny-llama)"
+BUDGET = "PET parameters (25000, 25k) or share of the backbone (0.05%)"
+
+
+def model_arg(default=None) -> Arg:
+    """``--model``, the same in every command; without a default: the structure's base model."""
+    return Arg(("--model",), MODELS if default else f"{MODELS}; default: the structure's base model", default)
+
+
+TASK = Arg(("--task",), "task card: a name (s3pet tasks) or a card file", required=True)
+SPACE = Arg(("--space",), "search space: s3pet-m | s3pet-l | unified | a space JSON", "s3pet-m")
+DATA_DIR = Arg(("--data-dir",), "folder with GLUE/SuperGLUE files (default: env S3PET_DATA_DIR)")
+OUT = Arg(("--out",), "run directory to write", required=True)
+OVERWRITE = Arg(("--overwrite",), "replace a finished run in --out (refused without)", False,
+                kw={"action": "store_true"})
+STRUCTURE = Arg(("--structure",), "structure.json to train", required=True)
+RUNS = Arg(("--run", "--runs"), "run directory (repeat --run, or list after --runs)", kw={"nargs": "+",
+                                                                                        "action": "extend"})
+
+COMMANDS = (
+    Command("space", "list every candidate of a search space on a model", cmd_space, (
+        model_arg("minilm"), SPACE, Arg(("--json",), "machine-readable output", False, kw={"action": "store_true"}))),
+    Command("tasks", "list the known tasks", cmd_tasks, (
+        DATA_DIR, Arg(("--json",), "machine-readable output", False, kw={"action": "store_true"}))),
+    Command("search", "search a structure under a parameter budget", cmd_search, (
+        model_arg("minilm"), TASK, SPACE, Arg(("--budget",), BUDGET, required=True), DATA_DIR, OUT,
+        Arg(("--resume",), "continue a killed search from its checkpoint (OUT/search.pt)", False,
+            kw={"action": "store_true"}), OVERWRITE),
+        {"search": "SearchConfig"}, {"model": "model", "task": "task", "space": "space", "budget_arg": "budget",
+                                     "data_dir": "data_dir"},
+        ("command", "versions", "space_spec", "space_params", "budget", "restart")),
+    Command("retrain", "train a structure from scratch and evaluate it", cmd_retrain, (
+        STRUCTURE, model_arg(), TASK, DATA_DIR, OUT,
+        Arg(("--resume",), "continue a killed retrain from its checkpoint (OUT/train.pt, written at every "
+                           "validation)", False, kw={"action": "store_true"}), OVERWRITE),
+        {"train": "TrainConfig"}, {"model": "model", "task": "task", "data_dir": "data_dir"},
+        ("command", "versions", "structure")),
+    Command("baseline", "train a hand-designed PET method sized to the budget", cmd_baseline, (
+        Arg(("--method",), "hand-designed method sized to --budget, a random structure, full fine-tuning, ladder "
+                           "side-tuning (lst: a side network beside the frozen encoder), or a reference run "
+                           "through HF peft itself (peft-*, adalora)", required=True,
+            kw={"choices": BASELINE_METHODS}),
+        Arg(("--budget",), BUDGET + "; required except for full"),
+        Arg(("--space",), "search space of the random method", "s3pet-m"), model_arg("minilm"), TASK, DATA_DIR,
+        OUT, OVERWRITE),
+        {"train": "TrainConfig"}, {"model": "model", "task": "task", "data_dir": "data_dir", "method": "method",
+                                   "budget": "budget", "space": "space"},
+        ("command", "versions", "structure", "peft")),
+    Command("evaluate", "re-evaluate the saved weights of a run", cmd_evaluate, (
+        Arg(("--run",), "a finished retrain/baseline run directory", required=True),
+        Arg(("--task",), "task card (default: the run's task)"), DATA_DIR)),
+    Command("predict", "predict labels for new text with a run's trained weights", cmd_predict, (
+        Arg(("--run",), "a retrain or baseline run, or the main job's folder (its retrain/)", required=True),
+        Arg(("--input",), "CSV/TSV with a header, or JSON lines, holding the task's text fields", required=True),
+        Arg(("--out",), "JSON lines to write: label, label_id, scores per input row", required=True),
+        Arg(("--batch-size",), "rows per forward pass (default: the run's)", kw={"type": int}),
+        Arg(("--device",), "auto | cpu | cuda | cuda:N (default: the run's)"))),
+    Command("run", "the main job: search, derive, retrain, evaluate, plot", cmd_run, (OUT, DATA_DIR, OVERWRITE),
+            "RunConfig", {"data_dir": "data_dir"}),
+    Command("optuna", "discrete structure search: Optuna samples structures, each is retrained", cmd_optuna, (
+        model_arg("minilm"), TASK, SPACE, Arg(("--budget",), BUDGET, required=True), DATA_DIR,
+        Arg(("--out",), "run directory (default: outputs/optuna/<study>)")),
+        {"optuna": "OptunaConfig", "train": "TrainConfig"}),
+    Command("plot", "plot runs or structures (heatmaps, gates, trajectory, graph)", cmd_plot, (
+        Arg(("--run", "--runs"), "run directory or structure.json (repeat --run, or list after --runs)",
+            kw={"nargs": "+", "action": "extend"}),
+        Arg(("--out",), "output folder (or file for a single plot); default: beside each input"),
+        Arg(("--format",), "comma-separated image formats: png, svg, pdf", "png,svg"))),
+    Command("transfer", "retrain a structure on another task and/or model", cmd_transfer, (
+        STRUCTURE, model_arg(), TASK, DATA_DIR, OUT, OVERWRITE),
+        {"transfer": "TransferConfig", "train": "TrainConfig"}, {"model": "model", "task": "task",
+                                                                  "data_dir": "data_dir"},
+        ("command", "versions", "structure", "source_structure")),
+    Command("average", "average gate scores of several searches and re-derive", cmd_average, (
+        RUNS, Arg(("--budget",), BUDGET, required=True), Arg(("--out",), "structure.json to write", required=True))),
+    Command("export", "export a structure (and weights) to HF peft or a merged model", cmd_export, (
+        Arg(("--structure", "--run"), "structure.json, or the run directory holding it", required=True),
+        Arg(("--weights",), "delta.safetensors of a retrain run (default: the one beside the structure)"),
+        Arg(("--merge",), "the same as --to merged", False, kw={"action": "store_true"}),
+        model_arg(), Arg(("--task",), "task card (name or path) of the head; default: the run's task"),
+        Arg(("--out",), "folder to write the export to", required=True)),
+        {"export": "ExportConfig"}),
+)
+
+# Commands that take positional inputs too, as older command lines wrote them.
+POSITIONAL = {"space": ("model", "?"), "plot": ("run", "*"), "average": ("run", "*")}
+
+
+def _tree(spec):
+    """A command's settings with the config classes looked up now (so a patched class is seen)."""
+    from s3pet import configs
+
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        return getattr(configs, spec)
+    return {k: getattr(configs, v) for k, v in spec.items()}
+
+
 # --------------------------------------------------------------------------- parser
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="s3pet", description="Search where to put parameter-efficient tuning "
-                                "modules under a parameter budget (S3PET).")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--version", action="version", version=f"s3pet {__import__('s3pet').__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    sp = sub.add_parser("space", help="list every candidate of a search space on a model")
-    sp.add_argument("model", help="hub id, local folder, or alias (minilm, tiny-bert, tiny-t5, tiny-gpt2, tiny-llama)")
-    sp.add_argument("--space", default="s3pet-m", help="s3pet-m | s3pet-l | unified | path to a space JSON")
-    sp.add_argument("--json", action="store_true", help="machine-readable output")
-    sp.set_defaults(func=cmd_space)
-
-    def common_train(q, lr=None):
-        q.add_argument("--model", default=None, help="model (default: the structure's base model, or minilm)")
-        q.add_argument("--data-dir", default=None, help="folder with GLUE/SuperGLUE files (or env S3PET_DATA_DIR)")
-        q.add_argument("--epochs", type=float, default=None)
-        q.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides epochs)")
-        q.add_argument("--batch-size", type=int, default=None)
-        q.add_argument("--max-length", type=int, default=None,
-                       help="tokens per input (default 128); 0 = from the data: the 95th percentile of the "
-                            "training split's lengths, at most the model's")
-        q.add_argument("--seed", type=int, default=None)
-        q.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
-        q.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
-        q.add_argument("--compile", default=None, choices=["auto", "on", "off"],
-                       help="torch.compile the model (auto: on a GPU for runs of 2,000+ steps, where the "
-                            "minutes of compiling pay off)")
-        q.add_argument("--max-train-samples", type=int, default=None, help="seeded training subset (quick runs)")
-        q.add_argument("--max-eval-samples", type=int, default=None, help="cap on validation and test examples")
-        q.add_argument("--eval-every", type=int, default=None, help="steps between validations")
-        q.add_argument("--head-lr", type=float, default=None,
-                       help="learning rate of the task head (default: the largest module rate)")
-        q.add_argument("--pooling", default=None, choices=["auto", "pooler", "mean"],
-                       help="encoder read-out: auto = the model's own pooler when it has one (as "
-                            "AutoModelForSequenceClassification), else the mean over tokens")
-        q.add_argument("--grad-clip", type=float, default=None)
-        q.add_argument("--no-progress", action="store_true",
-                       help="no progress bar (a bar on a terminal, else a log line every tenth of a stage)")
-        q.add_argument("--tensorboard", action="store_true",
-                       help="also write the history's metrics to OUT/tb/ for TensorBoard (pip install "
-                            "'s3pet[tensorboard]')")
-
-    def overwrite(q):
-        q.add_argument("--overwrite", action="store_true", help="replace a finished run in --out (refused without)")
-
-    def train_only(q):
-        q.add_argument("--lr", type=float, default=None,
-                       help="learning rate of every PET module (default: each kind's own, LoRA 5e-4, others 1e-3)")
-        q.add_argument("--lr-scale", type=float, default=None, help="multiplies every learning rate (default 1)")
-        q.add_argument("--full-lr", type=float, default=None, help="learning rate of full fine-tuning (default 5e-5)")
-        q.add_argument("--weight-decay", type=float, default=None)
-        q.add_argument("--grad-accum", type=int, default=None)
-        q.add_argument("--patience", type=int, default=None, help="validations without improvement before stopping")
-
-    def dp_options(q):
-        # TrainConfig's comments say why; defaults: non-private training.
-        q.add_argument("--dp", action="store_true",
-                       help="differentially private training (DP-SGD through Opacus: per-example clipping, "
-                            "Gaussian noise, Poisson sampling); needs pip install 's3pet[dp]'")
-        q.add_argument("--dp-epsilon", type=float, default=None,
-                       help="target epsilon over the planned steps; the noise is solved for it (default 8)")
-        q.add_argument("--dp-noise-multiplier", type=float, default=None,
-                       help="noise std / clipping norm instead of a target epsilon (default 0: from --dp-epsilon)")
-        q.add_argument("--dp-delta", type=float, default=None, help="delta of (epsilon, delta)-DP (default 1e-5)")
-        q.add_argument("--dp-max-grad-norm", type=float, default=None,
-                       help="each example's gradient is clipped to this norm (default 1)")
-        q.add_argument("--dp-accountant", choices=["rdp", "prv"], default=None,
-                       help="privacy accountant (default rdp)")
-
-    def search_only(q):
-        q.add_argument("--order", choices=["first", "second"], default=None, help="DARTS approximation (default first)")
-        q.add_argument("--w-lr", type=float, default=None, help="PET/head learning rate (default 3e-4)")
-        q.add_argument("--alpha-lr", type=float, default=None, help="gate-logit learning rate (default 0.1)")
-        q.add_argument("--controller", choices=["shift", "none", "l0"], default=None,
-                       help="budget controller: shift (S3PET), none / l0 (ablations)")
-        q.add_argument("--l0-weight", type=float, default=None)
-        q.add_argument("--select", choices=["best", "last"], default=None,
-                       help="derive from the best-validation or the last logits")
-        q.add_argument("--beta", type=float, default=None, help="gate sigmoid temperature")
-        q.add_argument("--temperature", type=float, default=None, help="binary-concrete temperature")
-        q.add_argument("--hard", action="store_true", help="straight-through hard gates")
-        q.add_argument("--xi", type=float, default=None, help="second-order virtual step (default w-lr)")
-        # The search recipe's options (SearchConfig's comments say why; defaults: the plain search).
-        q.add_argument("--temperature-final", type=float, default=None,
-                       help="anneal the concrete temperature geometrically to this over the bi-level steps "
-                            "(default 0: no annealing)")
-        q.add_argument("--gates", choices=["concrete", "hard-concrete", "deterministic"], default=None,
-                       help="training gates: binary concrete (default), hard concrete (stretched and clipped: "
-                            "exact 0s and 1s) or deterministic (z = p)")
-        q.add_argument("--warmup-steps", type=int, default=None,
-                       help="steps that train only the PET modules and head, gates fixed at p, before any "
-                            "alpha step (default 0)")
-        q.add_argument("--warmup-epochs", type=float, default=None,
-                       help="the warm-up in passes over D_w instead of steps (default 0)")
-        q.add_argument("--alpha-init", choices=["zero", "sensitivity"], default=None,
-                       help="after the warm-up, set alpha from each candidate's |gate x dL/dgate| "
-                            "(default zero; sensitivity needs --warmup-steps)")
-        q.add_argument("--alpha-init-scale", type=float, default=None,
-                       help="standard deviation of the sensitivity-initialised logits (default 1)")
-        q.add_argument("--sensitivity-batches", type=int, default=None,
-                       help="D_alpha batches the sensitivity score averages over (default 8)")
-        q.add_argument("--selector", choices=["search", "sensitivity"], default=None,
-                       help="search (default): the bi-level search ranks the candidates; sensitivity: the "
-                            "warmed-up sensitivity alone ranks them, no alpha steps (needs --warmup-steps)")
-        q.add_argument("--alpha-accum", type=int, default=None,
-                       help="D_alpha micro-batches averaged per alpha step (default 1)")
-        q.add_argument("--restarts", type=int, default=None,
-                       help="independent searches (seeds seed..seed+N-1) whose gate probabilities are averaged "
-                            "before the derivation (default 1)")
-
-    sp = sub.add_parser("tasks", help="list the known tasks")
-    sp.add_argument("--data-dir", default=None)
-    sp.add_argument("--json", action="store_true")
-    sp.set_defaults(func=cmd_tasks)
-
-    sp = sub.add_parser("search", help="search a structure under a parameter budget")
-    common_train(sp)
-    search_only(sp)
-    sp.set_defaults(model="minilm")
-    sp.add_argument("--task", required=True)
-    sp.add_argument("--space", default="s3pet-m")
-    sp.add_argument("--budget", required=True, help="parameters (25000, 25k) or share of the backbone (0.01%%)")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--resume", action="store_true", help="continue a killed search from its checkpoint")
-    overwrite(sp)
-    sp.set_defaults(func=cmd_search)
-
-    sp = sub.add_parser("retrain", help="train a structure from scratch and evaluate it")
-    common_train(sp)
-    train_only(sp)
-    dp_options(sp)
-    sp.add_argument("--structure", required=True)
-    sp.add_argument("--task", required=True)
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--resume", action="store_true",
-                    help="continue a killed retrain from its checkpoint (OUT/train.pt, written at every validation)")
-    overwrite(sp)
-    sp.set_defaults(func=cmd_retrain)
-
-    sp = sub.add_parser("baseline", help="train a hand-designed PET method sized to the budget")
-    common_train(sp)
-    train_only(sp)
-    dp_options(sp)
-    sp.set_defaults(model="minilm")
-    sp.add_argument("--method", required=True, choices=BASELINE_METHODS,
-                    help="hand-designed method sized to --budget, a random structure, full fine-tuning, ladder "
-                         "side-tuning (lst: a side network beside the frozen encoder), or a reference run "
-                         "through HF peft itself (peft-*, adalora)")
-    sp.add_argument("--budget", default=None, help="required except for full")
-    sp.add_argument("--space", default="s3pet-m", help="space of the random method")
-    sp.add_argument("--task", required=True)
-    sp.add_argument("--out", required=True)
-    overwrite(sp)
-    sp.set_defaults(func=cmd_baseline)
-
-    sp = sub.add_parser("evaluate", help="re-evaluate the saved weights of a run")
-    sp.add_argument("--run", required=True)
-    sp.add_argument("--task", default=None, help="default: the run's task")
-    sp.add_argument("--data-dir", default=None)
-    sp.set_defaults(func=cmd_evaluate)
-
-    sp = sub.add_parser("predict", help="predict labels for new text with a run's trained weights")
-    sp.add_argument("--run", required=True, help="a retrain or baseline run, or the main job's folder (its retrain/)")
-    sp.add_argument("--input", required=True,
-                    help="CSV/TSV with a header, or JSON lines, holding the task's text fields (s3pet/predict.py)")
-    sp.add_argument("--out", required=True, help="JSON lines to write: label, label_id, scores per input row")
-    sp.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: the run's)")
-    sp.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: the run's)")
-    sp.set_defaults(func=cmd_predict)
-
-    sp = sub.add_parser("run", help="the main job: search, derive, retrain, evaluate, plot")
-    common_train(sp)
-    search_only(sp)
-    sp.add_argument("--lr", type=float, default=None, help="retrain learning rate")
-    sp.add_argument("--task", default="rotten-tomatoes")
-    sp.add_argument("--space", default="s3pet-m")
-    sp.add_argument("--budget", default="0.05%")
-    sp.add_argument("--search-epochs", type=float, default=2.0, help="search passes over D_w")
-    # Defaults of the main job: sized so that search + retrain + plots take a few minutes on
-    # 2 CPU cores (see README); pass 0 to --max-train-samples / --max-eval-samples for all data.
-    # Mean pooling here: on 2,000 examples all-MiniLM-L6-v2's own read-out (mean pooling, which it
-    # was trained with) scores 0.810 test accuracy against 0.778 for its pooler (README).
-    sp.set_defaults(model="minilm", max_train_samples=2000, max_eval_samples=500, epochs=2.0, lr=3e-3,
-                    head_lr=1e-2, w_lr=3e-3, pooling="mean")
-    sp.add_argument("--compare", action="store_true", help="also train a random structure and BitFit of the same budget")
-    sp.add_argument("--out", required=True)
-    overwrite(sp)
-    sp.set_defaults(func=cmd_run)
-
-    sp = sub.add_parser("optuna", help="discrete structure search: Optuna samples structures, each is retrained")
-    common_train(sp)
-    train_only(sp)
-    sp.set_defaults(model="minilm")
-    sp.add_argument("--task", required=True)
-    sp.add_argument("--space", default="s3pet-m")
-    sp.add_argument("--budget", required=True, help="parameters (25000, 25k) or share of the backbone (0.01%%)")
-    sp.add_argument("--trials", type=int, required=True, help="trials this worker runs (each worker adds its own)")
-    sp.add_argument("--storage", default=None, help="study storage URL: sqlite:///study.db, postgresql://..., "
-                    "mysql://...; omitted: in memory")
-    sp.add_argument("--study", default=None, help="study name (workers with the same name and storage share it)")
-    sp.add_argument("--objective", choices=["single", "multi"], default="single",
-                    help="single: validation metric; multi: validation metric vs PET parameters (NSGA-II)")
-    sp.add_argument("--pruner", choices=["median", "none"], default="median",
-                    help="stop weak trials at validations (single objective)")
-    sp.add_argument("--granularity", choices=["auto", "module", "group"], default="auto",
-                    help="one sampled size per module, or per role and layer group (auto: by space size)")
-    sp.add_argument("--layer-groups", type=int, default=3, help="layer groups per stack (group granularity)")
-    sp.add_argument("--out", default=None, help="run directory (default outputs/optuna/<study>)")
-    sp.set_defaults(func=cmd_optuna)
-
-    sp = sub.add_parser("plot", help="plot runs or structures (heatmaps, gates, trajectory, graph)")
-    sp.add_argument("inputs", nargs="+", help="run directories or structure.json files")
-    sp.add_argument("--out", default=None, help="output folder (or file for a single plot)")
-    sp.add_argument("--format", default="png,svg")
-    sp.set_defaults(func=cmd_plot)
-
-    sp = sub.add_parser("transfer", help="retrain a structure on another task and/or model")
-    common_train(sp)
-    train_only(sp)
-    dp_options(sp)
-    sp.add_argument("--structure", required=True)
-    sp.add_argument("--task", required=True)
-    sp.add_argument("--mapping", choices=["depth", "stretch"], default="depth",
-                    help="another model: depth keeps the module count, stretch fills every layer")
-    sp.add_argument("--out", required=True)
-    overwrite(sp)
-    sp.set_defaults(func=cmd_transfer)
-
-    sp = sub.add_parser("average", help="average gate scores of several searches and re-derive")
-    sp.add_argument("runs", nargs="+")
-    sp.add_argument("--budget", required=True)
-    sp.add_argument("--out", required=True, help="structure.json to write")
-    sp.set_defaults(func=cmd_average)
-
-    sp = sub.add_parser("export", help="export a structure (and weights) to HF peft or a merged model")
-    sp.add_argument("--structure", required=True)
-    sp.add_argument("--weights", default=None, help="delta.safetensors of a retrain run")
-    sp.add_argument("--to", choices=["peft"], default="peft")
-    sp.add_argument("--merge", action="store_true", help="fold the deltas into a plain transformers model")
-    sp.add_argument("--model", default=None)
-    sp.add_argument("--task", default=None, help="task card (name or path) of the head; default: the run's task")
-    sp.add_argument("--untrained", action="store_true",
-                    help="allow exporting freshly initialised modules when there are no weights")
-    sp.add_argument("--out", required=True)
-    sp.set_defaults(func=cmd_export)
+def _verbosity() -> argparse.ArgumentParser:
+    # SUPPRESS: a subcommand's parser does not reset what was given before the subcommand.
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="warnings and errors only")
     return p
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The ``s3pet`` parser: each command's own arguments and one flag per field of its configs."""
+    from s3pet.flags import add_config_flags
+
+    p = argparse.ArgumentParser(prog="s3pet", parents=[_verbosity()], description="Search where to put "
+                                "parameter-efficient tuning modules under a parameter budget (S3PET).")
+    p.add_argument("--version", action="version", version=f"s3pet {__import__('s3pet').__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for c in COMMANDS:
+        sp = sub.add_parser(c.name, help=c.help, description=c.help, parents=[_verbosity()])
+        if c.name in POSITIONAL:
+            dest, nargs = POSITIONAL[c.name]
+            sp.add_argument(f"{dest}_positional", nargs=nargs, metavar=dest.upper(),
+                            help=f"the same as --{dest}")
+        for a in c.args:
+            kw = dict(a.kw)
+            if kw.get("action") != "store_true":
+                kw["default"] = None
+            shown = f" (default: {a.default})" if a.default not in (None, False) else ""
+            sp.add_argument(*a.flags, dest=a.dest, help=(a.help + shown).replace("%", "%%"), **kw)
+        if c.replay is not None:
+            sp.add_argument("--config", default=None, metavar="FILE",
+                            help="start from a run's config.json (or a JSON file of its shape); flags on the "
+                                 "line override it")
+        tree = _tree(c.tree)
+        if tree is not None:
+            add_config_flags(sp, tree)
+        sp.set_defaults(func=c.func, spec=c, subparser=sp)
+    return p
+
+
+class Parsed(NamedTuple):
+    """A command line understood: the command's own arguments and its configs."""
+
+    args: argparse.Namespace
+    cfg: object  # {section: config}, a RunConfig, or None
+
+
+def parse(argv: list[str] | None = None) -> Parsed:
+    """Parse a command line into the command's arguments (after ``--config`` and defaults) and its
+    configs. argparse errors exit (status 2); a bad setting raises ConfigError."""
+    from s3pet import flags
+
+    args = build_parser().parse_args(argv)
+    c, tree = args.spec, _tree(args.spec.tree)
+    if c.name in POSITIONAL:
+        dest, _ = POSITIONAL[c.name]
+        pos, have = getattr(args, f"{dest}_positional"), getattr(args, dest)
+        if isinstance(pos, list):  # plot, average: the inputs listed, then those of --run
+            setattr(args, dest, pos + (have or []) or None)
+        elif pos and have not in (None, pos):
+            args.subparser.error(f"the {dest} is given twice ({pos}, --{dest} {have}); give it once")
+        elif pos:
+            setattr(args, dest, pos)
+    settings, from_file = {}, {}
+    if getattr(args, "config", None):
+        settings, from_file = flags.read_config(args.config, tree, c.replay, c.records, c.name)
+        if isinstance(from_file.get("budget"), dict):  # a run's budget record: its parameter count
+            from_file["budget"] = str(from_file["budget"].get("params"))
+    missing = []
+    for a in c.args:
+        if getattr(args, a.dest) in (None, False) and a.dest in from_file:
+            setattr(args, a.dest, from_file[a.dest])
+        if getattr(args, a.dest) is None:
+            setattr(args, a.dest, a.default)
+        if a.required and getattr(args, a.dest) in (None, []):
+            missing.append(a.flags[0])
+    if missing:
+        args.subparser.error(f"the following arguments are required: {', '.join(missing)}")
+    given = flags.given(args)
+    if getattr(args, "merge", False):  # export's older spelling of --to merged
+        given["to"] = "merged"
+    cfg = None if tree is None else flags.build(tree, given, settings)
+    return Parsed(args, cfg)
+
+
+def _configs(cfg):
+    """Every config in ``cfg`` (a dict of configs, a config or None), nested ones included."""
+    import dataclasses
+
+    for c in (cfg.values() if isinstance(cfg, dict) else [cfg] if cfg is not None else []):
+        yield c
+        yield from _configs({f.name: getattr(c, f.name) for f in dataclasses.fields(c)
+                             if dataclasses.is_dataclass(getattr(c, f.name))})
+
+
+def on_device(cfg, device: str):
+    """``cfg`` with the ``device`` of every config in it set (a torchrun rank's own GPU)."""
+    import dataclasses
+
+    if isinstance(cfg, dict):
+        return {k: on_device(v, device) for k, v in cfg.items()}
+    if not dataclasses.is_dataclass(cfg):
+        return cfg
+    over = {f.name: on_device(getattr(cfg, f.name), device) for f in dataclasses.fields(cfg)
+            if dataclasses.is_dataclass(getattr(cfg, f.name))}
+    if hasattr(cfg, "device"):
+        over["device"] = device
+    return dataclasses.replace(cfg, **over)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        parsed = parse(argv)
+    except S3petError as e:  # a bad setting or --config file: before anything runs
+        print(f"s3pet: error: {e}", file=sys.stderr)
+        return 2
+    args, cfg = parsed
+    if getattr(args, "verbose", False) and getattr(args, "quiet", False):
+        args.subparser.error("give -v/--verbose or -q/--quiet, not both")
+    level = logging.DEBUG if getattr(args, "verbose", False) else \
+        logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s")
     _quiet_libraries()
     try:
         from s3pet import dist
 
-        if hasattr(args, "device") and os.environ.get("WORLD_SIZE", "1") != "1":
-            args.device = dist.init_from_env(args.device or "auto")  # launched by torchrun
-        return int(args.func(args) or 0)
+        device = next((c.device for c in _configs(cfg) if hasattr(c, "device")), None)
+        if device is not None and os.environ.get("WORLD_SIZE", "1") != "1":
+            cfg = on_device(cfg, dist.init_from_env(device))  # launched by torchrun
+        return int(args.func(args, cfg) or 0)
     except S3petError as e:
         print(f"s3pet: error: {e}", file=sys.stderr)
         return 2

@@ -8,22 +8,14 @@ for other nested numbers); strings and the step and epoch counters are not plott
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 from s3pet import dist
-from s3pet.errors import ConfigError
+from s3pet.configs.base import check_tensorboard  # noqa: F401  (re-exported: the one owner is the configs)
 from s3pet.io import append_jsonl
 
 TB_DIR = "tb"
-
-
-def check_tensorboard(enabled: bool) -> None:
-    """ConfigError when TensorBoard logging is asked for but the package is missing (no import)."""
-    if enabled and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("tensorboard logging (--tensorboard) needs the tensorboard package: "
-                          "pip install 's3pet[tensorboard]'")
 
 
 def scalars(record: dict, group: str) -> dict[str, float]:

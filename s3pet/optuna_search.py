@@ -52,6 +52,7 @@ from typing import Any, NamedTuple, Sequence
 
 from s3pet import budget as B
 from s3pet import structure as S
+from s3pet.configs import GRANULARITIES, OBJECTIVES, PRUNERS  # noqa: F401 (OptunaConfig's choices)
 from s3pet.errors import ConfigError, S3petError
 from s3pet.io import atomic_write_bytes, write_json
 from s3pet.space import ModuleSpec, stack_depths
@@ -59,9 +60,6 @@ from s3pet.train import TrainConfig, resolve_device
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("single", "multi")
-PRUNERS = ("median", "none")
-GRANULARITIES = ("auto", "module", "group")
 AUTO_MODULE_LIMIT = 64  # at most this many (site, kind) modules: one decision each
 # TrainConfig fields that do not change a trial's result; workers may differ in them.
 _LOCAL_TRAIN_FIELDS = ("device", "progress", "eval_batch_size", "log_every")

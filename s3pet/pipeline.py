@@ -20,6 +20,7 @@ import s3pet
 from s3pet import budget as B
 from s3pet import rundir
 from s3pet import structure as S
+from s3pet.configs import RunConfig
 from s3pet.errors import ConfigError, StructureError
 from s3pet.heads import TaskModel
 from s3pet.io import read_json, write_json
@@ -564,15 +565,25 @@ def train_peft(method: str, budget: str | int | None, task: str, out: str | Path
     return metrics
 
 
-def run_all(model: str, task: str, space: str, budget: str | int, out: str | Path, scfg: SearchConfig,
-            tcfg: TrainConfig, compare: bool = False, data_dir: str | None = None, overwrite: bool = False) -> dict:
+def run_config(cfg: RunConfig, data_dir: str | None = None) -> dict:
+    """The main job's config.json: every setting of the job and its stages, and the versions."""
+    return {"command": "run", **asdict(cfg), "data_dir": data_dir, "versions": versions()}
+
+
+def run_all(out: str | Path, cfg: RunConfig | None = None, data_dir: str | None = None,
+            overwrite: bool = False) -> dict:
     """The main job: search -> derive -> retrain -> evaluate -> plot (-> compare), one folder per stage.
 
-    ``overwrite`` replaces a finished main job (``summary.json``) and each finished stage in it."""
+    ``cfg`` defaults to ``RunConfig()``, the job ``s3pet run`` runs with no flags; it is saved as
+    ``out/config.json`` (``s3pet run --config`` replays it). ``overwrite`` replaces a finished
+    main job (``summary.json``) and each finished stage in it."""
     from s3pet.plot import plot_paths
 
+    cfg = cfg or RunConfig()
     with rundir.RunDir(out, overwrite=overwrite, finished="summary.json") as rd:
-        summary = _run_all(model, task, space, budget, rd.path, scfg, tcfg, compare, data_dir, overwrite, plot_paths)
+        write_json(rd.path / "config.json", run_config(cfg, data_dir))
+        summary = _run_all(cfg.model, cfg.task, cfg.space, cfg.budget, rd.path, cfg.search, cfg.train, cfg.compare,
+                           data_dir, overwrite, plot_paths)
     return summary
 
 

@@ -25,7 +25,7 @@ import io
 import logging
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,108 +35,17 @@ from s3pet import accel
 from s3pet import budget as B
 from s3pet import data as D
 from s3pet import dist
+from s3pet.configs import SearchConfig  # noqa: F401 (re-exported)
 from s3pet.errors import ConfigError, TrainingError
 from s3pet.heads import TaskModel
-from s3pet.history import History, check_tensorboard
+from s3pet.history import History
 from s3pet.io import atomic_write_bytes, atomic_write_text
 from s3pet.progress import Progress
-from s3pet.supernet import CONTROLLERS, GATES, Supernet
-from s3pet.train import (EncodedTask, all_finite, autocast, check_device, check_numbers, evaluate, linear_schedule,
-                         make_adamw, peak_memory_mb, resolve_device)
+from s3pet.supernet import Supernet
+from s3pet.train import (EncodedTask, all_finite, autocast, evaluate, linear_schedule, make_adamw, peak_memory_mb,
+                         resolve_device)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SearchConfig:
-    """Settings of one search; saved in the run's config.json before work starts."""
-
-    order: str = "first"  # first | second: the DARTS approximation of the alpha gradient
-    epochs: float = 3.0  # passes over D_w (fractions allowed)
-    max_steps: int = 0  # bi-level steps; 0 = from epochs
-    batch_size: int = 32
-    w_lr: float = 3e-4  # PET modules and head (paper code: AdamW 3e-4)
-    alpha_lr: float = 0.1  # gate logits (paper code: AdamW 0.1)
-    head_lr: float = 0.0  # 0 = w_lr
-    weight_decay: float = 0.0
-    grad_clip: float = 2.0  # paper code clips at 2.0
-    warmup_ratio: float = 0.0
-    beta: float = 1.0  # gate sigmoid temperature
-    temperature: float = 1.0  # binary-concrete relaxation temperature
-    temperature_final: float = 0.0  # anneal the temperature geometrically to this over the bi-level steps; 0 = fixed
-    hard: bool = False  # straight-through hard gates in training steps (concrete gates only)
-    gates: str = "concrete"  # concrete | hard-concrete (exact 0s and 1s) | deterministic (z = p): training gates
-    warmup_steps: int = 0  # w-only steps, gates fixed at p, before any alpha step: fresh LoRA B, BitFit, LNFit are 0
-    warmup_epochs: float = 0.0  # the same warm-up in passes over D_w (one length across task sizes); 0 = steps
-    alpha_init: str = "zero"  # zero | sensitivity: after the warm-up, alpha from each candidate's |z dL/dz|
-    alpha_init_scale: float = 1.0  # sensitivity: alpha = scale * standardised log score (the spread of the logits)
-    sensitivity_batches: int = 8  # D_alpha batches the sensitivity score averages over (noise of one batch)
-    selector: str = "search"  # search | sensitivity: the warmed-up sensitivity alone ranks, no bi-level steps
-    alpha_accum: int = 1  # D_alpha micro-batches averaged per alpha step: a less noisy alpha gradient
-    restarts: int = 1  # independent searches (seeds seed..seed+N-1), gate probabilities averaged, then derived
-    controller: str = "shift"  # shift (S3PET) | none (plain sigmoid) | l0 (penalty ablation)
-    l0_weight: float = 1.0  # weight of the l0 controller's penalty
-    xi: float = 0.0  # virtual step size of second order; 0 = w_lr
-    alpha_share: float = 0.5  # share of the training split used as D_alpha
-    select: str = "best"  # best | last: which logits to derive from
-    eval_every: int = 0  # steps between validations; 0 = twice per epoch
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = at every validation
-    max_length: int = 128  # tokens per input (pair); 0 = from the data (95th percentile, capped at the model's)
-    pooling: str = "auto"  # encoder read-out, as in TrainConfig: auto | pooler | mean
-    eval_batch_size: int = 128
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    shift_iters: int = 0  # 0 = iterate to tolerance on CPU, 12 fixed (sync-free) steps on GPU
-    compile: str = "auto"  # auto | on | off: torch.compile the task model (auto: GPU, 2,000+ steps)
-    max_train_samples: int = 0
-    max_eval_samples: int = 0
-    log_every: int = 10
-    progress: bool = True  # a progress bar on a terminal, periodic log lines otherwise
-    tensorboard: bool = False  # also write history.jsonl's metrics to <run>/tb/ (needs s3pet[tensorboard])
-
-    def __post_init__(self):
-        if self.order not in ("first", "second"):
-            raise ConfigError(f"order must be 'first' or 'second', got {self.order!r}")
-        if self.controller not in CONTROLLERS:
-            raise ConfigError(f"controller must be one of {', '.join(CONTROLLERS)}, got {self.controller!r}")
-        if self.select not in ("best", "last"):
-            raise ConfigError(f"select must be 'best' or 'last', got {self.select!r}")
-        check_numbers(self, positive=("epochs", "batch_size", "w_lr", "alpha_lr", "beta", "temperature", "log_every",
-                                      "eval_batch_size", "alpha_share", "alpha_init_scale",
-                                      "sensitivity_batches", "alpha_accum", "restarts"),
-                      non_negative=("max_steps", "head_lr", "weight_decay", "grad_clip", "warmup_ratio", "l0_weight",
-                                    "xi", "eval_every", "checkpoint_every", "seed", "shift_iters",
-                                    "max_train_samples", "max_eval_samples", "temperature_final", "warmup_steps",
-                                    "warmup_epochs", "max_length"),
-                      at_most_one=("warmup_ratio",))
-        if not 0 < self.alpha_share < 1:
-            raise ConfigError(f"alpha_share must be in (0, 1), got {self.alpha_share}")
-        check_device(self.device)
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        accel.check_setting(self.compile)
-        check_tensorboard(self.tensorboard)
-        if self.pooling not in ("auto", "pooler", "mean"):
-            raise ConfigError(f"pooling must be auto, pooler or mean, got {self.pooling!r}")
-        if self.gates not in GATES:
-            raise ConfigError(f"gates must be one of {', '.join(GATES)}, got {self.gates!r}")
-        if self.hard and self.gates != "concrete":
-            raise ConfigError(f"hard (straight-through) applies to concrete gates only, not {self.gates!r}")
-        if self.warmup_steps and self.warmup_epochs:
-            raise ConfigError("give warmup_steps or warmup_epochs, not both")
-        for name, allowed in (("alpha_init", ("zero", "sensitivity")), ("selector", ("search", "sensitivity"))):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-            if getattr(self, name) == "sensitivity" and not (self.warmup_steps or self.warmup_epochs):
-                # Fresh LoRA B, BitFit and LNFit deltas are 0, so every gate gradient is 0 before training.
-                raise ConfigError(f"{name}=sensitivity needs a warm-up (warmup_steps or warmup_epochs): "
-                                  "untrained deltas have no sensitivity")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SearchConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class SearchModel(nn.Module):

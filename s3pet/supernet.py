@@ -28,11 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from s3pet import budget as B
+from s3pet.configs import CONTROLLERS, GATES  # one list, shared with SearchConfig
 from s3pet.inject import DeltaSet
 from s3pet.space import ModuleSpec
-
-CONTROLLERS = ("shift", "none", "l0")
-GATES = ("concrete", "hard-concrete", "deterministic")
 
 
 class Supernet(nn.Module):

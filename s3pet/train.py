@@ -12,10 +12,9 @@ import contextlib
 import itertools
 import logging
 import math
-import re
 import resource
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,87 +24,16 @@ from torch import nn
 from s3pet import accel
 from s3pet import data as D
 from s3pet import dist
+from s3pet.configs import POOLINGS, TrainConfig, check_device, check_numbers  # noqa: F401 (re-exported)
 from s3pet.errors import ConfigError, TaskError, TrainingError
 from s3pet.heads import TaskModel
-from s3pet.history import History, check_tensorboard
+from s3pet.history import History
 from s3pet.metrics import compute_metrics
 from s3pet.progress import Progress
 
 log = logging.getLogger(__name__)
 
-POOLINGS = ("auto", "pooler", "mean")
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one training run (retrain, baseline); saved in the run's config.json."""
-
-    epochs: float = 3.0  # passes over the training split (fractions allowed)
-    max_steps: int = 0  # optimizer steps; 0 = from epochs
-    batch_size: int = 32
-    lr: float = 0.0  # PET modules; 0 = each kind's known-good rate (LoRA 5e-4, the others 1e-3)
-    full_lr: float = 5e-5  # learning rate when every backbone weight trains
-    head_lr: float = 0.0  # 0 = the largest rate of the trained modules (full_lr in full fine-tuning)
-    lr_scale: float = 1.0  # multiplies every rate above (what a learning-rate grid varies)
-    pooling: str = "auto"  # encoder read-out: auto (the model's own pooler if it has one, else mean) | pooler | mean
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06  # share of steps with a linear warm-up
-    grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    grad_accum: int = 1  # micro-batches per optimizer step
-    eval_every: int = 0  # steps between validations; 0 = once per epoch
-    patience: int = 0  # validations without improvement before stopping; 0 = never stop early
-    max_length: int = 128  # tokens per input (pair); 0 = from the data (95th percentile, capped at the model's)
-    eval_batch_size: int = 128
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
-    max_train_samples: int = 0  # 0 = all; a seeded subset for quick runs
-    max_eval_samples: int = 0  # 0 = all; caps validation and test
-    log_every: int = 10  # steps between history records
-    progress: bool = True  # a progress bar on a terminal, periodic log lines otherwise
-    tensorboard: bool = False  # also write history.jsonl's metrics to <run>/tb/ (needs s3pet[tensorboard])
-    compile: str = "auto"  # auto | on | off: torch.compile the model (auto: GPU, 2,000+ steps)
-    # Differentially private training (s3pet.dp; needs the extra s3pet[dp], i.e. Opacus):
-    dp: bool = False  # DP-SGD: per-example clipping, Gaussian noise, Poisson sampling of each step's batch
-    dp_epsilon: float = 8.0  # target epsilon at dp_delta over the planned steps (the noise is solved for it)
-    dp_noise_multiplier: float = 0.0  # noise std / clipping norm; 0 = solved from dp_epsilon
-    dp_delta: float = 1e-5  # delta of (epsilon, delta)-DP: 1e-5 for every task (a warning when not below 1/n)
-    dp_max_grad_norm: float = 1.0  # each example's gradient is clipped to this norm (C)
-    dp_accountant: str = "rdp"  # rdp (Renyi DP) | prv (privacy random variables: tighter, slower)
-
-    def __post_init__(self):
-        check_numbers(self, positive=("epochs", "batch_size", "lr_scale", "full_lr", "grad_accum",
-                                      "eval_batch_size", "log_every"),
-                      non_negative=("max_steps", "eval_every", "patience", "max_train_samples", "max_eval_samples",
-                                    "max_length",
-                                    "weight_decay", "grad_clip", "lr", "head_lr", "warmup_ratio", "seed"),
-                      at_most_one=("warmup_ratio",))
-        check_numbers(self, positive=("dp_epsilon", "dp_delta", "dp_max_grad_norm"),
-                      non_negative=("dp_noise_multiplier",))
-        if self.dp_delta >= 1:
-            raise ConfigError(f"dp_delta (--dp-delta) must be below 1, got {self.dp_delta}")
-        if self.dp_accountant not in ("rdp", "prv"):
-            raise ConfigError(f"dp_accountant must be rdp or prv, got {self.dp_accountant!r}")
-        if self.dp:
-            from s3pet.dp import require_opacus
-
-            require_opacus()
-            if self.grad_accum != 1:  # a Poisson batch is the logical batch: no accumulation over several
-                raise ConfigError("--dp samples each step's batch whole; drop --grad-accum")
-            if self.compile == "on":
-                raise ConfigError("--dp runs eager (per-example gradients hook each module); use --compile off")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        check_device(self.device)
-        accel.check_setting(self.compile)
-        check_tensorboard(self.tensorboard)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+# TrainConfig lives in s3pet.configs (no torch: the command line builds its flags from it).
 
 
 def learning_rates(cfg: TrainConfig, kinds: list[str], full: bool = False) -> dict[str, float]:
@@ -122,42 +50,6 @@ def learning_rates(cfg: TrainConfig, kinds: list[str], full: bool = False) -> di
         rates["backbone"] = cfg.full_lr
     head = cfg.head_lr or max(rates.values(), default=cfg.lr or 1e-3)
     return {**{k: v * cfg.lr_scale for k, v in rates.items()}, "head": head * cfg.lr_scale}
-
-
-_INT_LIMIT = 2**62  # far beyond any real count; keeps seeds and step counts inside torch's int64
-
-
-def check_numbers(cfg, positive=(), non_negative=(), at_most_one=()) -> None:
-    """Every named field of a config dataclass is a finite number of its field's type, in range.
-
-    nan and inf pass a plain ``<= 0`` test (argparse's ``float`` accepts them), so finiteness is
-    checked first; ints must be ints (not floats or bools). Raises ConfigError naming the
-    setting as the command line spells it.
-    """
-    types = {f.name: f.type for f in fields(cfg)}
-    for name in (*positive, *non_negative):
-        v = getattr(cfg, name)
-        flag = "--" + name.replace("_", "-")
-        want_int = types[name] in (int, "int")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (want_int and not isinstance(v, int)):
-            raise ConfigError(f"{name} ({flag}) must be {'an integer' if want_int else 'a number'}, got {v!r}")
-        if not math.isfinite(v) or (want_int and abs(v) > _INT_LIMIT):
-            raise ConfigError(f"{name} ({flag}) must be a finite number, got {v!r}")
-        if name in positive and v <= 0:
-            raise ConfigError(f"{name} ({flag}) must be positive, got {v}")
-        if v < 0:
-            raise ConfigError(f"{name} ({flag}) must be >= 0, got {v}")
-        if name in at_most_one and v > 1:
-            raise ConfigError(f"{name} ({flag}) must be at most 1, got {v}")
-
-
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-def check_device(name) -> None:
-    """Reject device names s3pet cannot run on (before torch raises its own error, mid-run)."""
-    if not isinstance(name, str) or not _DEVICE.fullmatch(name):
-        raise ConfigError(f"device (--device) must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -21,14 +21,13 @@ from torch import nn
 
 from s3pet import budget as B
 from s3pet import structure as S
+from s3pet.configs import MAPPINGS
 from s3pet.deltas import KINDS
 from s3pet.errors import ConfigError, StructureError
 from s3pet.io import read_json
 from s3pet.models import count_params, load_backbone
 from s3pet.space import ModuleSpec, discover_sites, instantiate, load_space, stack_depths
 from s3pet.supernet import kept_specs
-
-MAPPINGS = ("depth", "stretch")
 
 
 def _map_layer(layer: int, src: int, dst: int) -> int:

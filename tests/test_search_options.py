@@ -279,7 +279,11 @@ def test_killed_search_with_every_option_resumes_to_the_same_structure(tmp_path,
 
 
 def test_every_option_is_a_flag_of_search_and_run():
-    from s3pet.cli import _search_cfg, build_parser
+    from s3pet.cli import parse
+
+    def search_cfg(argv):
+        cfg = parse(argv).cfg
+        return cfg["search"] if isinstance(cfg, dict) else cfg.search
 
     flags = ["--temperature-final", "0.2", "--gates", "hard-concrete", "--warmup-steps", "5", "--alpha-init",
              "sensitivity", "--alpha-init-scale", "2", "--sensitivity-batches", "3", "--selector", "sensitivity",
@@ -287,9 +291,9 @@ def test_every_option_is_a_flag_of_search_and_run():
     want = dict(temperature_final=0.2, gates="hard-concrete", warmup_steps=5, alpha_init="sensitivity",
                 alpha_init_scale=2.0, sensitivity_batches=3, selector="sensitivity", alpha_accum=4, restarts=3)
     for argv in (["search", "--task", "t", "--budget", "1k", "--out", "o"], ["run", "--out", "o"]):
-        cfg = _search_cfg(build_parser().parse_args(argv + flags))
+        cfg = search_cfg(argv + flags)
         assert {k: getattr(cfg, k) for k in want} == want, argv[0]
-        plain = _search_cfg(build_parser().parse_args(argv))
+        plain = search_cfg(argv)
         assert {k: getattr(plain, k) for k in want} == {k: getattr(SearchConfig(), k) for k in want}
 
 

@@ -204,14 +204,13 @@ def test_peft_methods_refuse_multiple_choice():
 
 
 def test_main_job_reads_out_by_mean_pooling_and_the_stages_by_the_models_pooler():
-    from s3pet.cli import _search_cfg, _train_cfg, build_parser
+    from s3pet.cli import parse
 
-    p = build_parser()
-    run = p.parse_args(["run", "--out", "x"])
-    assert _train_cfg(run).pooling == "mean" and _search_cfg(run).pooling == "mean"
-    base = p.parse_args(["baseline", "--method", "bitfit", "--budget", "1k", "--task", "t", "--out", "x"])
-    assert _train_cfg(base).pooling == "auto"
-    assert _train_cfg(p.parse_args(["run", "--out", "x", "--pooling", "pooler"])).pooling == "pooler"
+    run = parse(["run", "--out", "x"]).cfg
+    assert run.train.pooling == "mean" and run.search.pooling == "mean"
+    base = parse(["baseline", "--method", "bitfit", "--budget", "1k", "--task", "t", "--out", "x"]).cfg
+    assert base["train"].pooling == "auto"
+    assert parse(["run", "--out", "x", "--pooling", "pooler"]).cfg.train.pooling == "pooler"
 
 
 @pytest.mark.parametrize("alias", ["tiny-bert", "tiny-llama"])

@@ -8,6 +8,7 @@ from pathlib import Path
 from torch import Tensor
 
 from s3pet import structure as S
+from s3pet.configs import EXPORT_FORMATS
 from s3pet.errors import ConfigError, ModelError, StructureError
 from s3pet.io import read_json
 from s3pet.models import load_backbone, load_tokenizer
@@ -17,7 +18,7 @@ from s3pet.export.weights import some
 
 log = logging.getLogger("s3pet.export")
 
-FORMATS = ("peft", "merged")
+FORMATS = EXPORT_FORMATS
 
 def export_run(structure_path: str | Path, out: str | Path, to: str = "peft", weights_path: str | Path | None = None,
                model: str | None = None, *, untrained: bool = False, task: str | None = None) -> Path:
