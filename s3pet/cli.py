@@ -132,7 +132,7 @@ def _search_cfg(args, **over):
              "temperature", "controller", "select", "eval_every", "max_length", "seed", "device", "precision",
              "max_train_samples", "max_eval_samples", "l0_weight", "xi", "compile", "pooling",
              "temperature_final", "gates", "warmup_steps", "warmup_epochs", "alpha_init", "alpha_init_scale", "sensitivity_batches",
-             "selector", "alpha_accum", "restarts")
+             "selector", "alpha_accum", "restarts", "exportable")
     d = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if getattr(args, "hard", False):
         d["hard"] = True
@@ -354,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--restarts", type=int, default=None,
                        help="independent searches (seeds seed..seed+N-1) whose gate probabilities are averaged "
                             "before the derivation (default 1)")
+        q.add_argument("--exportable", action=argparse.BooleanOptionalAction, default=None,
+                       help="search only candidates that 'export --to peft' or '--merge' can write "
+                            "(default: on in 'run', off in 'search')")
 
     sp = sub.add_parser("tasks", help="list the known tasks")
     sp.add_argument("--data-dir", default=None)
@@ -416,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Mean pooling here: on 2,000 examples all-MiniLM-L6-v2's own read-out (mean pooling, which it
     # was trained with) scores 0.810 test accuracy against 0.778 for its pooler (README).
     sp.set_defaults(model="minilm", max_train_samples=2000, max_eval_samples=500, epochs=2.0, lr=3e-3,
-                    head_lr=1e-2, w_lr=3e-3, pooling="mean")
+                    head_lr=1e-2, w_lr=3e-3, pooling="mean", exportable=True)
     sp.add_argument("--compare", action="store_true", help="also train a random structure and BitFit of the same budget")
     sp.add_argument("--out", required=True)
     overwrite(sp)

@@ -72,6 +72,7 @@ class SearchConfig:
     sensitivity_batches: int = 8  # D_alpha batches the sensitivity score averages over (noise of one batch)
     selector: str = "search"  # search | sensitivity: the warmed-up sensitivity alone ranks, no bi-level steps
     alpha_accum: int = 1  # D_alpha micro-batches averaged per alpha step: a less noisy alpha gradient
+    exportable: bool = False  # only candidates `s3pet export --to peft` or `--merge` can write (on in `s3pet run`)
     restarts: int = 1  # independent searches (seeds seed..seed+N-1), gate probabilities averaged, then derived
     controller: str = "shift"  # shift (S3PET) | none (plain sigmoid) | l0 (penalty ablation)
     l0_weight: float = 1.0  # weight of the l0 controller's penalty

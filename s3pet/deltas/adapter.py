@@ -5,6 +5,8 @@ projection, its bias, and column j of the up projection (2d + 1 parameters; the 
 projection has no bias so that every parameter belongs to exactly one unit).
 ``lowrank_adapter`` is S3PET-M's: down and up projections each a rank-1 product (reduction
 32), gated as one unit of 3(d + m) parameters.
+
+Neither merges (the bottleneck's activation is not linear) nor has a peft counterpart.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ class AdapterKind(DeltaKind):
     hosts = ("block",)
     stage = 2
     defaults = {"bottleneck": None, "reduction": 16, "activation": "relu"}  # bottleneck overrides reduction
+    merge_refusal = "sequential bottleneck, cannot be folded into weights"
+    peft_refusal = "sequential bottleneck, no peft counterpart"
+    code, colour, order, ranked = "A", "#F0E442", 1, True
 
     def check_params(self, params):
         out = _check_act(super().check_params(params))
@@ -106,6 +111,9 @@ class LowRankAdapterKind(DeltaKind):
     hosts = ("block",)
     stage = 2
     defaults = {"reduction": 32, "activation": "gelu"}
+    merge_refusal = AdapterKind.merge_refusal
+    peft_refusal = AdapterKind.peft_refusal
+    code, colour, order = "LRA", "#CC79A7", 2
 
     def check_params(self, params):
         return _check_act(super().check_params(params))

@@ -49,7 +49,7 @@ from s3pet.export.adapter import ADAPTER, PeftPlan, export_peft, plan_peft
 from s3pet.export.folders import MARKER, read_export_info
 from s3pet.export.merging import export_merged, merge, merge_problems
 from s3pet.export.runs import FORMATS, export_run
-from s3pet.export.weights import SEQUENTIAL, build_deltas
+from s3pet.export.weights import build_deltas
 
-__all__ = ["ADAPTER", "FORMATS", "MARKER", "SEQUENTIAL", "PeftPlan", "build_deltas", "export_merged", "export_peft",
+__all__ = ["ADAPTER", "FORMATS", "MARKER", "PeftPlan", "build_deltas", "export_merged", "export_peft",
            "export_run", "merge", "merge_problems", "plan_peft", "read_export_info"]
