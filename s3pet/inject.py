@@ -95,6 +95,9 @@ class DeltaSet(nn.Module):
                 spec, d = norm[0]
                 y = norm_with_weight_delta(module, x, d.weight_delta(self._gate(spec)))
             for spec, d, sub in rest:
+                if sub and spec.site.source not in self._seen:
+                    raise RuntimeError(f"{spec.kind} at {spec.site.path} reads the input of {spec.site.source}, "
+                                       "which did not run before it in this forward")
                 y = d(self._seen[spec.site.source] if sub else x, y, self._gate(spec))
             for path in sources:  # used: do not keep the activation alive past this forward
                 self._seen.pop(path, None)
