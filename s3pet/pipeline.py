@@ -111,8 +111,9 @@ def space_on_model(model: str, space: str, budget: str | int, seed: int = 0, exp
                               "search it without exportable (--no-exportable)")
         dropped = dropped_by_kind(specs, kept)
         if dropped:
-            log.info("exportable: kept %d of %d candidates (every structure exports %s); dropped %s", len(kept),
-                     len(specs), target, ", ".join(f"{k} x{n}" for k, n in sorted(dropped.items())))
+            log.info("exportable: kept %d of %d candidates, so that every derived structure exports (%s); "
+                     "dropped %s", len(kept), len(specs), target,
+                     ", ".join(f"{k} x{n}" for k, n in sorted(dropped.items())))
         specs = kept
     bb = count_params(backbone)
     b = B.parse_budget(budget, bb)

@@ -264,3 +264,13 @@ def test_space_lists_the_new_kinds_with_exact_counts(name, capsys, tiny_backbone
     rows = [m for m in report["modules"] if m["kind"] in ("parallel_adapter", "adapterbias")]
     assert {m["role"] for m in rows} <= {"attn.block", "xattn.block", "ffn.block"}
     assert {(m["stack"], m["role"]) for m in rows} >= {(s, r) for s, _, _ in stacks for r in ("attn.block", "ffn.block")}
+
+
+def test_exportable_without_peft_keeps_what_merges(monkeypatch, tiny_backbone, tiny_sites):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    bb = tiny_backbone("tiny-t5")
+    kept, target = exportable_specs(instantiate(load_space("s3pet-m"), tiny_sites("tiny-t5")), bb)
+    assert target == "merged" and kept and E.merge_problems(kept, bb) == []

@@ -4,7 +4,7 @@ and of the model (a bias a layer cannot take, a config that would drop it)."""
 
 from __future__ import annotations
 
-import logging
+import importlib.util
 
 from torch import nn
 
@@ -12,8 +12,6 @@ from s3pet.deltas import KINDS
 from s3pet.export.adapter import plan_specs
 from s3pet.export.merging import mergeable
 from s3pet.space import ModuleSpec
-
-log = logging.getLogger("s3pet.export")
 
 
 def exportable_specs(specs: list[ModuleSpec], backbone: nn.Module) -> tuple[list[ModuleSpec], str]:
@@ -24,12 +22,14 @@ def exportable_specs(specs: list[ModuleSpec], backbone: nn.Module) -> tuple[list
     that merges keeps merging when modules are dropped; the same holds for a set that forms one
     peft adapter. When neither set holds every candidate (e.g. on T5, BitFit on its bias-free
     linears is peft-only and AdapterBias merge-only), the set with more
-    parameters is kept (the merged one on a tie).
+    parameters is kept (the merged one on a tie). Without peft installed, only merging counts.
     """
     merged = mergeable(specs, backbone)
-    peft = [s for s in specs if KINDS[s.kind].peft_refusal is None and not plan_specs([s], backbone).problems]
-    if peft and plan_specs(peft, backbone).problems:  # e.g. IA3 beside LoRA: no single peft adapter
-        peft = []
+    peft = []
+    if importlib.util.find_spec("peft") is not None:  # an optional extra: without it, only merging writes
+        peft = [s for s in specs if KINDS[s.kind].peft_refusal is None and not plan_specs([s], backbone).problems]
+        if peft and plan_specs(peft, backbone).problems:  # e.g. IA3 beside LoRA: no single peft adapter
+            peft = []
     if len(merged) == len(specs) and len(peft) == len(specs):
         return list(specs), "peft or merged"
     if len(merged) == len(specs) or len(peft) == len(specs):
