@@ -35,6 +35,7 @@ from s3pet.deltas import KINDS
 from s3pet.supernet import kept_specs
 
 METHODS = ("full", "lora", "lora-all", "adapter", "bitfit", "lnfit", "random", "lst")
+COMPARE = ("random", "bitfit")  # what `s3pet run --compare` trains beside the searched structure
 
 
 def _spec(site: Site, kind: str, units: int, **params) -> ModuleSpec:

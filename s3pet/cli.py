@@ -79,14 +79,15 @@ def space_report(specs, backbone_params: int, model: str, space: str) -> dict:
 
 def format_space_report(r: dict) -> str:
     lines = [f"space {r['space']} on {r['model']} ({r['backbone_params']:,} backbone parameters)", ""]
-    head = f"{'site':58} {'stack':7} {'layer':>5} {'role':11} {'kind':15} {'units':>5} {'n/unit':>7} {'params':>9}"
+    kw = max([15] + [len(k) for k in r["per_kind"]])  # the kind column fits the longest kind name
+    head = f"{'site':58} {'stack':7} {'layer':>5} {'role':11} {'kind':{kw}} {'units':>5} {'n/unit':>7} {'params':>9}"
     lines += [head, "-" * len(head)]
     for m in r["modules"]:
-        lines.append(f"{m['site'][-58:]:58} {m['stack']:7} {m['layer']:>5} {m['role']:11} {m['kind']:15} "
+        lines.append(f"{m['site'][-58:]:58} {m['stack']:7} {m['layer']:>5} {m['role']:11} {m['kind']:{kw}} "
                      f"{m['units']:>5} {m['unit_params']:>7,} {m['n_params']:>9,}")
     lines += ["", "per kind:"]
     for k, v in sorted(r["per_kind"].items()):
-        lines.append(f"  {k:15} {v['modules']:>5} modules {v['candidates']:>6} candidates {v['params']:>11,} params")
+        lines.append(f"  {k:{kw}} {v['modules']:>5} modules {v['candidates']:>6} candidates {v['params']:>11,} params")
     lines += ["", "per layer:"]
     for k, v in r["per_layer"].items():
         lines.append(f"  {k:12} {v:>11,} params")

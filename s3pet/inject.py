@@ -3,8 +3,11 @@
 The backbone's module tree and state dict stay untouched: every PET module lives in one
 ``DeltaSet`` (an ``nn.Module`` the caller owns), which registers one forward hook per host
 module. A hook receives the host's input and output and applies, in stage order, the
-modules attached there (scale, then parallel, then sequential). LNFit on a norm recomputes
-the norm with the shifted weight (``deltas.lnfit.norm_with_weight_delta``).
+modules attached there (scale, then parallel, then sequential). A kind that reweights a norm
+(LNFit) recomputes the norm with the shifted weight in its own call
+(``deltas.lnfit.norm_with_weight_delta``). A kind that reads the sublayer's
+input (a parallel adapter) gets it from a pre-hook on the sublayer's first projection
+(``Site.source``), which runs before the host, in the same forward.
 
 Gates: a ``DeltaSet`` built with ``gated=True`` reads one gate vector ``self.z`` (one value
 per unit, over all modules, set by the supernet once per step) and hands each module its
@@ -43,6 +46,9 @@ class DeltaSet(nn.Module):
         self._by_host: dict[str, list[tuple[ModuleSpec, Delta]]] = {}
         for spec in sorted(self.specs, key=lambda s: KINDS[s.kind].stage):
             self._by_host.setdefault(spec.site.path, []).append((spec, self.deltas[_safe(spec.key)]))
+        # Sublayer inputs, seen by a pre-hook on the source and used (then dropped) by the host's hook.
+        self._sources = sorted({s.site.source for s in self.specs if KINDS[s.kind].reads == "sublayer"})
+        self._seen: dict[str, Tensor] = {}
 
     def delta(self, spec_or_key) -> Delta:
         key = spec_or_key.key if isinstance(spec_or_key, ModuleSpec) else spec_or_key
@@ -51,6 +57,8 @@ class DeltaSet(nn.Module):
     def attach(self, backbone: nn.Module) -> "DeltaSet":
         """Register the hooks on ``backbone`` (idempotent: re-attaching detaches first)."""
         self.detach()
+        for path in self._sources:
+            self._handles.append(backbone.get_submodule(path).register_forward_pre_hook(self._make_source_hook(path)))
         for path, items in self._by_host.items():
             host = backbone.get_submodule(path)
             self._handles.append(host.register_forward_hook(self._make_hook(host, items)))
@@ -60,15 +68,23 @@ class DeltaSet(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._seen.clear()
 
     def _gate(self, spec: ModuleSpec) -> Tensor | None:
         if not self.gated or self.z is None:
             return None
         return self.z[spec.offset:spec.offset + spec.units]
 
+    def _make_source_hook(self, path: str):
+        def hook(module, args):
+            self._seen[path] = args[0]
+
+        return hook
+
     def _make_hook(self, host: nn.Module, items: list[tuple[ModuleSpec, Delta]]):
-        lnfit = [(s, d) for s, d in items if s.kind == "lnfit"]
-        rest = [(s, d) for s, d in items if s.kind != "lnfit"]
+        norm = [(s, d) for s, d in items if KINDS[s.kind].reweights_norm]
+        rest = [(s, d, KINDS[s.kind].reads == "sublayer") for s, d in items if not KINDS[s.kind].reweights_norm]
+        sources = {s.site.source for s, _, sub in rest if sub}
 
         def hook(module, args, output):
             if getattr(module, "_s3pet_recomputing", False):
@@ -77,11 +93,16 @@ class DeltaSet(nn.Module):
             y = output
             # Every module runs through its own call, with the gate (and the host norm) as keyword
             # arguments: per-example gradients (``s3pet.dp``) hook each module's call and its tensors.
-            if lnfit:
-                spec, d = lnfit[0]
+            if norm:
+                spec, d = norm[0]
                 y = d(x, y, gate=self._gate(spec), host=module)
-            for spec, d in rest:
-                y = d(x, y, gate=self._gate(spec))
+            for spec, d, sub in rest:
+                if sub and spec.site.source not in self._seen:
+                    raise RuntimeError(f"{spec.kind} at {spec.site.path} reads the input of {spec.site.source}, "
+                                       "which did not run before it in this forward")
+                y = d(self._seen[spec.site.source] if sub else x, y, gate=self._gate(spec))
+            for path in sources:  # used: do not keep the activation alive past this forward
+                self._seen.pop(path, None)
             return y
 
         return hook

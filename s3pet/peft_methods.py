@@ -29,6 +29,7 @@ from s3pet.errors import ConfigError, TaskError
 
 METHODS = ("peft-lora-r8-qv", "peft-lora-all-r1", "adalora")
 BUDGETED = ("adalora",)  # sized to a budget; the others are fixed shapes
+RATE_KIND = "lora"  # every method here is of the LoRA family: it trains at the lora kind's learning rate
 ALL_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "ffn.gate", "ffn.in", "ffn.out")
 LORA = {"peft-lora-r8-qv": (8, ("attn.q", "attn.v", "attn.qkv")), "peft-lora-all-r1": (1, ALL_LINEARS)}
 

@@ -98,11 +98,27 @@ class SpaceOnModel(NamedTuple):
     budget_record: dict
 
 
-def space_on_model(model: str, space: str, budget: str | int, seed: int = 0) -> SpaceOnModel:
-    """Load ``model``, instantiate ``space`` on it and parse ``budget`` against its size."""
+def space_on_model(model: str, space: str, budget: str | int, seed: int = 0, exportable: bool = False) -> SpaceOnModel:
+    """Load ``model``, instantiate ``space`` on it and parse ``budget`` against its size.
+
+    ``exportable`` keeps only candidates that ``s3pet export --to peft`` or ``--merge`` can
+    always write (``s3pet.export.exportable``); ConfigError if none is left."""
     backbone = load_backbone(model, seed=seed)
     space_obj = load_space(space)
     specs = instantiate(space_obj, discover_sites(backbone))
+    if exportable:
+        from s3pet.export.exportable import dropped_by_kind, exportable_specs
+
+        kept, target = exportable_specs(specs, backbone)
+        if not kept:
+            raise ConfigError(f"space '{space_obj.name}' has no candidate on {model} that an export can write; "
+                              "search it without exportable (--no-exportable)")
+        dropped = dropped_by_kind(specs, kept)
+        if dropped:
+            log.info("exportable: kept %d of %d candidates, so that every derived structure exports (%s); "
+                     "dropped %s", len(kept), len(specs), target,
+                     ", ".join(f"{k} x{n}" for k, n in sorted(dropped.items())))
+        specs = kept
     bb = count_params(backbone)
     b = B.parse_budget(budget, bb)
     return SpaceOnModel(backbone, space_obj, specs, b, B.budget_record(b, bb))
@@ -125,7 +141,7 @@ def search(model: str, task: str, space: str, budget: str | int, out: str | Path
     device = resolve_device(cfg.device)
     # Everything is loaded and checked before the folder is touched: a bad model, space, budget,
     # task or data file leaves no trace in --out.
-    backbone, space_obj, specs, b, brec = space_on_model(model, space, budget, cfg.seed)
+    backbone, space_obj, specs, b, brec = space_on_model(model, space, budget, cfg.seed, cfg.exportable)
     check_max_length(backbone, cfg.max_length)
     total_space = sum(s.n_params for s in specs)
     config = {"command": "search", "model": model, "task": task, "space": space, "space_spec": space_obj.to_dict(),
@@ -146,7 +162,7 @@ def search(model: str, task: str, space: str, budget: str | int, out: str | Path
             kcfg = replace(cfg, seed=cfg.seed + k) if cfg.restarts > 1 else cfg
             kout = out if cfg.restarts == 1 else out / f"restart{k}"
             if k:  # a fresh backbone: the supernet hooks into it
-                backbone, _, specs, _, _ = space_on_model(model, space, budget, cfg.seed)
+                backbone, _, specs, _, _ = space_on_model(model, space, budget, cfg.seed, cfg.exportable)
             torch.manual_seed(kcfg.seed)
             sn = Supernet(backbone, specs, b, beta=cfg.beta, temperature=cfg.temperature, hard=cfg.hard,
                           gates=cfg.gates, controller=cfg.controller, l0_weight=cfg.l0_weight)
@@ -537,10 +553,11 @@ def train_peft(method: str, budget: str | int | None, task: str, out: str | Path
     tm, info = PM.build(method, model, td.card, brec and brec["params"], total, cfg.seed)
     config = {"command": f"baseline:{method}", "model": model, "task": task, "data_dir": data_dir,
               "method": method, "budget": brec, "train": asdict(cfg), "peft": info, "versions": versions()}
-    groups = {"kind:lora": [], "head": tm.head_parameters()}
+    group = f"kind:{PM.RATE_KIND}"
+    groups = {group: [], "head": tm.head_parameters()}
     head_ids = {id(p) for p in groups["head"]}
-    groups["kind:lora"] = [p for p in tm.peft_model.parameters() if p.requires_grad and id(p) not in head_ids]
-    rates = learning_rates(cfg, ["lora"])
+    groups[group] = [p for p in tm.peft_model.parameters() if p.requires_grad and id(p) not in head_ids]
+    rates = learning_rates(cfg, [PM.RATE_KIND])
     if cfg.dp and method == "adalora":  # its orthogonality penalty is one term for the whole batch
         raise ConfigError("--dp does not support adalora (its loss is not a sum over examples)")
     after = PM.adalora_step(tm) if method == "adalora" else None
@@ -599,7 +616,9 @@ def _run_all(model, task, space, budget, out: Path, scfg, tcfg, compare, data_di
                         "search_over_retrain": round(sm["cost"]["seconds"] / max(rm["cost"]["seconds"], 1e-9), 3)}}
     if compare:
         summary["compare"] = {}
-        for method in ("random", "bitfit"):
+        from s3pet.baselines import COMPARE
+
+        for method in COMPARE:
             bm = baseline(method, sm["structure"]["budget"]["params"], task, out / "compare" / method, tcfg,
                           model=model, space=space, data_dir=data_dir, overwrite=overwrite)
             summary["compare"][method] = {"test": bm["test"], "params": bm["params"]}

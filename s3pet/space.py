@@ -69,6 +69,9 @@ class Site:
     layer: int  # block index in its stack; -1 before the blocks, n_layers after them
     d_in: int
     d_out: int
+    # Block sites: the sublayer's first projection (q/qkv, FFN in/gate), whose input is the
+    # sublayer's input, which parallel modules read; "" where there is none of width d_out.
+    source: str = ""
 
 
 def is_linear(m: nn.Module) -> bool:
@@ -191,7 +194,7 @@ def discover_sites(model: nn.Module) -> list[Site]:
         for i, block in enumerate(blist):
             prefix = f"{list_name}.{i}" if list_name else str(i)
             in_block.add(prefix)
-            outs = {}
+            outs, firsts = {}, {}
             for rel, mod in block.named_modules():
                 if not rel:
                     continue
@@ -202,13 +205,16 @@ def discover_sites(model: nn.Module) -> list[Site]:
                     sites.append(Site(path, "linear", role, stack, i, d_in, d_out))
                     if role in ("attn.o", "xattn.o", "ffn.out"):
                         outs[role.split(".")[0]] = (path, d_out)
+                    if role in ("attn.q", "attn.qkv", "xattn.q", "xattn.qkv", "ffn.in", "ffn.gate"):
+                        firsts.setdefault(role.split(".")[0], (path, d_in))
                 elif is_norm(mod):
                     d = int(mod.weight.shape[0])
                     sites.append(Site(path, "norm", _norm_role(rel, block), stack, i, d, d))
             for sub in ("attn", "xattn", "ffn"):
                 if sub in outs:
                     path, d = outs[sub]
-                    sites.append(Site(path, "block", f"{sub}.block", stack, i, d, d))
+                    src, d_src = firsts.get(sub, ("", 0))
+                    sites.append(Site(path, "block", f"{sub}.block", stack, i, d, d, src if d_src == d else ""))
     # Norms outside the blocks: embedding norm (before) and final norm (after).
     for name, mod in model.named_modules():
         if not is_norm(mod) or any(name.startswith(p + ".") for p in in_block):
@@ -422,7 +428,7 @@ def instantiate(space: Space, sites: list[Site]) -> list[ModuleSpec]:
     for entry in space.entries:
         kind = KINDS[entry.kind]
         for site in sites:
-            if site.host in kind.hosts and entry.matches(site, depths):
+            if kind.fits(site) and entry.matches(site, depths):
                 units = kind.max_units(site, entry.params)
                 chosen[(site.path, site.role, entry.kind)] = ModuleSpec(site, entry.kind, dict(entry.params), units)
     if not chosen:

@@ -237,7 +237,7 @@ def to_specs(structure: Structure, backbone: nn.Module) -> list[ModuleSpec]:
             raise StructureError(f"{at}: no such site with role {m['role']} in this model "
                                  f"({getattr(backbone.config, 'model_type', '?')}); was the structure made for another model?")
         kind = KINDS[m["kind"]]
-        if site.host not in kind.hosts:
+        if not kind.fits(site):
             raise StructureError(f"{at}: kind {m['kind']} cannot attach to a {site.host} site")
         try:
             params = kind.check_params(dict(m.get("params") or {}))

@@ -20,13 +20,13 @@ from s3pet.space import ModuleSpec, instantiate, is_linear, linear_dims, load_sp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-KIND_NAMES = ("lora", "adapter", "lowrank_adapter", "bitfit", "lnfit", "ia3")
+KIND_NAMES = ("lora", "adapter", "lowrank_adapter", "bitfit", "lnfit", "ia3", "parallel_adapter", "adapterbias")
 HOSTS = {"lora": {"linear"}, "ia3": {"linear"}, "bitfit": {"linear", "norm"}, "lnfit": {"norm"},
-         "adapter": {"block"}, "lowrank_adapter": {"block"}}
+         "adapter": {"block"}, "lowrank_adapter": {"block"}, "parallel_adapter": {"block"}, "adapterbias": {"block"}}
 # Hyper-parameters of the full-size module, and how many units a derived module keeps.
 FULL = {"lora": {"rank": 8, "alpha": 16}, "adapter": {"bottleneck": 6}, "lowrank_adapter": {},
-        "bitfit": {}, "lnfit": {}, "ia3": {}}
-DERIVED = {"lora": 3, "adapter": 2}
+        "bitfit": {}, "lnfit": {}, "ia3": {}, "parallel_adapter": {"bottleneck": 5}, "adapterbias": {}}
+DERIVED = {"lora": 3, "adapter": 2, "parallel_adapter": 3}
 MULTI_UNIT = tuple(DERIVED)
 CASES = [(k, a) for k in KIND_NAMES for a in TINY_ALIASES]
 IDS = [f"{k}-{a}" for k, a in CASES]
@@ -41,8 +41,10 @@ def unit_formula(kind: str, site, params: dict) -> int:
     d_in, d_out = site.d_in, site.d_out
     if kind == "lora":  # one row of A (d_in) and one column of B (d_out)
         return d_in + d_out
-    if kind == "adapter":  # a row of down, its bias, a column of up (no up bias)
+    if kind in ("adapter", "parallel_adapter"):  # a row of down, its bias, a column of up (no up bias)
         return 2 * d_out + 1
+    if kind == "adapterbias":  # the shift vector v and the scalar map alpha
+        return 2 * d_out
     if kind == "lowrank_adapter":  # rank-1 down (d + m) and up (m + d), biases m and d
         m = max(1, d_out // int(params.get("reduction", 32)))
         return 3 * (d_out + m)
@@ -57,6 +59,18 @@ def kind_specs(kind, sites, params=None):
 def host_input(host, site, seed=0, batch=2, seq=5):
     d = linear_dims(host)[0] if is_linear(host) else site.d_in
     return torch.randn(batch, seq, d, generator=torch.Generator().manual_seed(seed))
+
+
+class WithSource:
+    """A host whose modules read the sublayer's input: calling it runs the sublayer's first
+    projection on ``xs`` first (as the block's forward does), then the host."""
+
+    def __init__(self, host, source, xs):
+        self.host, self.source, self.xs = host, source, xs
+
+    def __call__(self, x):
+        self.source(self.xs)
+        return self.host(x)
 
 
 def randomize(module, seed=0, std=0.5):
@@ -142,6 +156,9 @@ def attached(tiny_backbone, tiny_sites):
         for i, spec in enumerate(specs):
             host = model.get_submodule(spec.site.path)
             x = host_input(host, spec.site, seed=i)
+            if KINDS[kind].reads == "sublayer":
+                source = model.get_submodule(spec.site.source)
+                host = WithSource(host, source, host_input(source, spec.site, seed=100 + i))
             with torch.no_grad():
                 rows.append((spec, host, x, host(x)))
         ds = DeltaSet(specs, gated=True).attach(model)
@@ -318,3 +335,77 @@ def test_deltaset_assigns_contiguous_gate_slices(tiny_sites):
     assert ds.n_units == sum(s.units for s in specs)
     assert n_built(ds) == sum(s.n_params for s in specs)
     assert all(ds.delta(s) is ds.delta(s.key) for s in specs)
+
+
+# --------------------------------------------------------------------------- parallel adapter, AdapterBias
+
+@pytest.mark.parametrize("alias,role", [("tiny-bert", "ffn.block"), ("tiny-t5", "xattn.block"),
+                                        ("tiny-gpt2", "attn.block"), ("tiny-llama", "ffn.block")])
+def test_parallel_adapter_reads_the_sublayer_input(alias, role, attached):
+    ds, spec, host, x, base = one(alias, "parallel_adapter", role, attached)
+    d = ds.delta(spec)
+    z = torch.rand(ds.n_units, generator=torch.Generator().manual_seed(0))
+    g = z[spec.offset:spec.offset + spec.units]
+    xs = host.xs  # the input of the sublayer's first projection, not the host's
+    assert xs.shape[-1] == spec.site.d_out
+    expected = base + 4.0 * (torch.relu(xs @ d.down.weight.T + d.down.bias) * g) @ d.up_weight.T
+    assert close(host_out(ds, host, x, z), expected, 1e-4)
+
+
+@pytest.mark.parametrize("alias", TINY_ALIASES)
+def test_parallel_adapter_source_is_the_sublayer_first_projection(alias, tiny_sites):
+    sites = tiny_sites(alias)
+    specs = kind_specs("parallel_adapter", sites)
+    assert {s.site.role.split(".")[0] for s in specs} >= {"attn", "ffn"}
+    by_path = {(s.path, s.role): s for s in sites}
+    for spec in specs:
+        sub = spec.site.role.split(".")[0]
+        src = next(s for (p, r), s in by_path.items() if p == spec.site.source and s.host == "linear")
+        assert src.role in (f"{sub}.q", f"{sub}.qkv", "ffn.in", "ffn.gate") and src.role.startswith(sub)
+        assert src.layer == spec.site.layer and src.stack == spec.site.stack and src.d_in == spec.site.d_out
+
+
+def test_parallel_adapter_follows_the_forward_of_the_whole_model(tiny_backbone, tiny_sites):
+    """Through the model's own forward (no hand-run source): a fresh module changes nothing, a
+    trained one changes the output, and no sublayer input outlives the forward."""
+    model = tiny_backbone("tiny-llama")
+    specs = kind_specs("parallel_adapter", tiny_sites("tiny-llama"))
+    ids = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(input_ids=ids).last_hidden_state
+        ds = DeltaSet(specs, gated=False).attach(model)
+        assert torch.equal(model(input_ids=ids).last_hidden_state, base)
+        randomize(ds, seed=5)
+        moved = model(input_ids=ids).last_hidden_state
+    assert not ds._seen
+    ds.detach()
+    assert (moved - base).abs().max() > 1e-3
+
+
+def test_parallel_adapter_needs_a_source(tiny_sites):
+    from dataclasses import replace
+
+    site = kind_specs("parallel_adapter", tiny_sites("tiny-bert"))[0].site
+    assert KINDS["parallel_adapter"].fits(site)
+    assert not KINDS["parallel_adapter"].fits(replace(site, source=""))
+    assert KINDS["adapter"].fits(replace(site, source=""))
+
+
+@pytest.mark.parametrize("alias,role", [("tiny-bert", "attn.block"), ("tiny-t5", "ffn.block"),
+                                        ("tiny-gpt2", "ffn.block"), ("tiny-llama", "attn.block")])
+def test_adapterbias_is_a_token_dependent_shift(alias, role, attached):
+    ds, spec, host, x, base = one(alias, "adapterbias", role, attached)
+    d = ds.delta(spec)
+    z = torch.full((ds.n_units,), 0.4)
+    alpha = base @ d.alpha  # one scalar per token
+    assert alpha.shape == base.shape[:-1]
+    assert close(host_out(ds, host, x, z), base + 0.4 * alpha[..., None] * d.v, 1e-4)
+
+
+def test_new_kinds_check_their_params():
+    assert KINDS["parallel_adapter"].check_params({})["scaling"] == 4.0
+    for bad in ({"scaling": 0}, {"scaling": float("nan")}, {"bottleneck": 0}, {"activation": "swish"}):
+        with pytest.raises(ConfigError):
+            KINDS["parallel_adapter"].check_params(bad)
+    with pytest.raises(ConfigError, match="rank"):
+        KINDS["adapterbias"].check_params({"rank": 2})

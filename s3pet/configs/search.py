@@ -47,6 +47,8 @@ class SearchConfig(Config):
                             choices=("search", "sensitivity"))
     alpha_accum: int = setting(1, "D_alpha micro-batches averaged per alpha step (a less noisy alpha gradient)",
                                check="> 0")
+    exportable: bool = setting(False, "search only candidates that `s3pet export --to peft` or `--merge` can "
+                                      "write (on in `s3pet run`)")
     restarts: int = setting(1, "independent searches (seeds seed..seed+N-1) whose gate probabilities are averaged "
                                "before the derivation", check="> 0")
     controller: str = setting("shift", "budget controller: shift (S3PET), none (plain sigmoid) or l0 (penalty "

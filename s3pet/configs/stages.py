@@ -13,7 +13,8 @@ from s3pet.configs.train import TrainConfig
 # on 2,000 examples all-MiniLM-L6-v2's own read-out (mean pooling, which it was trained with)
 # scores 0.810 test accuracy against 0.778 for its pooler (README). A higher rate than the
 # stages' defaults: 2 epochs of 2,000 examples are few steps.
-RUN_SEARCH = dict(epochs=2.0, max_train_samples=2000, max_eval_samples=500, w_lr=3e-3, head_lr=1e-2, pooling="mean")
+RUN_SEARCH = dict(epochs=2.0, max_train_samples=2000, max_eval_samples=500, w_lr=3e-3, head_lr=1e-2, pooling="mean",
+                  exportable=True)
 RUN_TRAIN = dict(epochs=2.0, max_train_samples=2000, max_eval_samples=500, lr=3e-3, head_lr=1e-2, pooling="mean")
 
 OBJECTIVES = ("single", "multi")

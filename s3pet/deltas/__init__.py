@@ -1,7 +1,15 @@
-"""PET module kinds. Each kind is registered by name and declares its exact parameter count.
+"""PET module kinds. Each kind is one module of this package, registered by name in ``KINDS``
+(see ``base.py`` for the interface: everything s3pet needs to know about a kind).
 
-Importing this package fills ``KINDS``; see ``base.py`` for the interface.
+Importing this package imports every module in it, which fills ``KINDS``: a new kind is a new
+file here, and nothing else names it.
 """
 
-from s3pet.deltas.base import KINDS, Delta, DeltaKind, register  # noqa: F401
-from s3pet.deltas import adapter, bitfit, ia3, lnfit, lora  # noqa: F401,E402  (fill the registry)
+import importlib
+import pkgutil
+
+from s3pet.deltas.base import KINDS, Delta, DeltaKind, register, unregister  # noqa: F401
+
+for _mod in pkgutil.iter_modules(__path__):
+    if _mod.name != "base":
+        importlib.import_module(f"{__name__}.{_mod.name}")

@@ -5,6 +5,8 @@ projection, its bias, and column j of the up projection (2d + 1 parameters; the 
 projection has no bias so that every parameter belongs to exactly one unit).
 ``lowrank_adapter`` is S3PET-M's: down and up projections each a rank-1 product (reduction
 32), gated as one unit of 3(d + m) parameters.
+
+Neither merges (the bottleneck's activation is not linear) nor has a peft counterpart.
 """
 
 from __future__ import annotations
@@ -18,18 +20,28 @@ from torch.nn import functional as F
 from s3pet.deltas.base import MAX_UNITS, Delta, DeltaKind, expand, project, register
 from s3pet.errors import ConfigError
 
-_ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
 
-def _bottleneck(d: int, params: dict) -> int:
+def bottleneck(d: int, params: dict) -> int:
+    """Bottleneck width of an adapter on width ``d``: ``bottleneck`` if given, else d // reduction."""
     if params.get("bottleneck"):
         return int(params["bottleneck"])
     return max(1, d // int(params["reduction"]))
 
 
-def _check_act(params: dict) -> dict:
-    if not isinstance(params["activation"], str) or params["activation"] not in _ACTS:
-        raise ConfigError(f"field 'activation' must be one of {sorted(_ACTS)}, got {params['activation']!r}")
+def check_activation(params: dict) -> dict:
+    """``params`` if its ``activation`` is known; ConfigError otherwise."""
+    if not isinstance(params["activation"], str) or params["activation"] not in ACTIVATIONS:
+        raise ConfigError(f"field 'activation' must be one of {sorted(ACTIVATIONS)}, got {params['activation']!r}")
+    return params
+
+
+def check_bottleneck(params: dict, kind: str) -> dict:
+    """``params`` if its ``bottleneck`` is None or a whole number in range; ConfigError otherwise."""
+    b = params["bottleneck"]
+    if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_UNITS):
+        raise ConfigError(f"field 'bottleneck' of kind '{kind}' must be an integer in [1, {MAX_UNITS}], got {b!r}")
     return params
 
 
@@ -45,7 +57,7 @@ class Adapter(Delta):
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
 
     def forward(self, x, y, gate):
-        h = _ACTS[self.act](self.down(y.to(self.down.weight.dtype) if not torch.is_autocast_enabled() else y))
+        h = ACTIVATIONS[self.act](self.down(y.to(self.down.weight.dtype) if not torch.is_autocast_enabled() else y))
         if gate is not None:
             h = h * gate
         return y + F.linear(h, self.up_weight).to(y.dtype)
@@ -57,16 +69,15 @@ class AdapterKind(DeltaKind):
     hosts = ("block",)
     stage = 2
     defaults = {"bottleneck": None, "reduction": 16, "activation": "relu"}  # bottleneck overrides reduction
+    merge_refusal = "sequential bottleneck, cannot be folded into weights"
+    peft_refusal = "sequential bottleneck, no peft counterpart"
+    code, colour, order, ranked = "A", "#F0E442", 1, True
 
     def check_params(self, params):
-        out = _check_act(super().check_params(params))
-        b = out["bottleneck"]
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_UNITS):
-            raise ConfigError(f"field 'bottleneck' of kind 'adapter' must be an integer in [1, {MAX_UNITS}], got {b!r}")
-        return out
+        return check_bottleneck(check_activation(super().check_params(params)), self.name)
 
     def max_units(self, site, params):
-        return _bottleneck(site.d_out, params)
+        return bottleneck(site.d_out, params)
 
     def unit_params(self, site, params):
         return 2 * site.d_out + 1
@@ -93,7 +104,7 @@ class LowRankAdapter(Delta):
     def forward(self, x, y, gate):
         yy = y if torch.is_autocast_enabled() else y.to(self.down_a.dtype)
         # Two rank-1 factorised projections: (yy A_down) B_down and (h A_up) B_up.
-        h = _ACTS[self.act](expand(project(yy, self.down_a.t()), self.down_b.t()) + self.down_bias)
+        h = ACTIVATIONS[self.act](expand(project(yy, self.down_a.t()), self.down_b.t()) + self.down_bias)
         out = expand(project(h, self.up_a.t()), self.up_b.t()) + self.up_bias
         if gate is not None:
             out = out * gate
@@ -106,13 +117,16 @@ class LowRankAdapterKind(DeltaKind):
     hosts = ("block",)
     stage = 2
     defaults = {"reduction": 32, "activation": "gelu"}
+    merge_refusal = AdapterKind.merge_refusal
+    peft_refusal = AdapterKind.peft_refusal
+    code, colour, order = "LRA", "#CC79A7", 2
 
     def check_params(self, params):
-        return _check_act(super().check_params(params))
+        return check_activation(super().check_params(params))
 
     def unit_params(self, site, params):
-        m = _bottleneck(site.d_out, params)
+        m = bottleneck(site.d_out, params)
         return 3 * (site.d_out + m)
 
     def build(self, site, params, units):
-        return LowRankAdapter(site.d_out, _bottleneck(site.d_out, params), params["activation"])
+        return LowRankAdapter(site.d_out, bottleneck(site.d_out, params), params["activation"])

@@ -1,11 +1,21 @@
 """The module-kind interface and registry.
 
-A *kind* (LoRA, adapter, BitFit, ...) knows which sites it can attach to, how many gateable
-units one module of it has at a site (LoRA: rank-1 components; adapters: bottleneck units;
-BitFit/LNFit: one), the exact parameter count of one unit, and how to build the module. A
-built module (``Delta``) maps ``(x, y, gate) -> y'``: ``x`` the host's input, ``y`` its output
-so far, ``gate`` a vector with one value per unit (``None`` when the module is kept whole, as
-after derivation).
+A *kind* (LoRA, adapter, BitFit, ...) owns everything the rest of s3pet needs to know about
+it, so that no other module tests kind names and a new kind is one file in ``deltas/``:
+
+- where it goes: the site hosts it attaches to (``hosts``, ``fits``), its order at a host
+  (``stage``), what input it reads (``reads``: the host's, or the sublayer's for parallel
+  modules), whether the host recomputes a norm with it (``reweights_norm``);
+- its size: gateable units per module (LoRA: rank-1 components; adapters: bottleneck units;
+  BitFit/LNFit: one), the exact parameter count of one unit, its hyper-parameters
+  (``defaults``, ``check_params``) and its learning rate (``lr``);
+- its construction (``build``) and forward: a built module (``Delta``) maps
+  ``(x, y, gate) -> y'``: ``x`` its input, ``y`` the host's output so far, ``gate`` a vector
+  with one value per unit (``None`` when the module is kept whole, as after derivation);
+- its export: how it folds into the backbone's weights (``fold``; ``merge_refusal`` says why
+  not), which part of a peft adapter carries it (``peft_part``, ``peft_rank``, ``peft_fill``;
+  ``peft_refusal`` says why not);
+- how plots show it: ``code`` (the short name in cells), ``colour``, ``order``, ``ranked``.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from s3pet import accel
 from s3pet.errors import ConfigError
 
 if TYPE_CHECKING:
-    from s3pet.space import Site
+    from s3pet.space import ModuleSpec, Site
 
 KINDS: dict[str, "DeltaKind"] = {}
 # Units (a rank, a bottleneck) beyond this exceed the width of any transformer s3pet targets; a
@@ -34,6 +44,11 @@ def register(cls):
     """Class decorator: instantiate a kind and file it under its ``name``."""
     KINDS[cls.name] = cls()
     return cls
+
+
+def unregister(name: str) -> None:
+    """Remove a kind from the registry (a kind defined for a test or a session)."""
+    KINDS.pop(name, None)
 
 
 def _elementwise(rank: int) -> bool:
@@ -76,6 +91,25 @@ class DeltaKind(ABC):
     # Known-good AdamW learning rate for this kind on a frozen backbone (batch 32, linear
     # schedule, 6% warm-up): what retraining uses unless told otherwise (docs/benchmarks.md).
     lr: float = 1e-3
+    reads: str = "host"  # the x a module gets: "host" (the host's input) or "sublayer" (the input of the sublayer a block site closes)
+    reweights_norm: bool = False  # the norm host is recomputed with weight + module.weight_delta(gate)
+
+    # Export. A kind that folds into its host's weights sets merge_refusal = None and defines
+    # fold; one that a peft adapter carries sets peft_refusal = None and defines peft_part.
+    merge_refusal: str | None = "no rule folds it into the backbone's weights"
+    adds_bias: bool = False  # fold may create a bias where the host has none
+    peft_refusal: str | None = "no peft counterpart"
+
+    # Plots: the short code written in cells ("L2+B"), a fixed colour, the order of kinds in
+    # legends and cells, and whether the rank (units) is searched and so always written.
+    code: str = ""  # "" = the first three letters of the name
+    colour: str = ""  # "" = a spare colour
+    order: int = 100
+    ranked: bool = False
+
+    def fits(self, site: "Site") -> bool:
+        """Whether a module of this kind can attach at ``site``."""
+        return site.host in self.hosts
 
     def check_params(self, params: dict) -> dict:
         """Validate a space entry's hyper-parameters and fill defaults; ConfigError on a bad one."""
@@ -111,3 +145,27 @@ class DeltaKind(ABC):
     @abstractmethod
     def build(self, site: "Site", params: dict, units: int) -> Delta:
         """A freshly initialised module with ``units`` units."""
+
+    # ------------------------------------------------------------------ export
+
+    def fold(self, delta: Delta, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The host's (weight, bias) with ``delta`` folded in, so that the plain host computes
+        what host + delta computed. float32 tensors; a linear's weight is (d_out, d_in) (GPT-2
+        Conv1D weights are transposed by the caller), a norm's its 1-D scale; ``bias`` None
+        where the host has none (a kind with ``adds_bias`` may return one). Called in stage
+        order, each kind on the result of the earlier ones."""
+        raise NotImplementedError(f"kind '{self.name}' cannot be merged: {self.merge_refusal}")
+
+    def peft_part(self, site: "Site") -> str:
+        """Which part of a peft adapter carries this kind at ``site``: ``"lora"`` (a LoRA layer),
+        ``"lora_bias"`` (the bias of LoRA's B, peft's ``lora_bias``), ``"ia3"`` (an IA3 vector)
+        or ``"norm"`` (a trained copy of the norm, with ``fold`` applied to it)."""
+        raise NotImplementedError(f"kind '{self.name}' has no peft counterpart: {self.peft_refusal}")
+
+    def peft_rank(self, spec: "ModuleSpec") -> tuple[int, float] | None:
+        """(r, lora_alpha) of the LoRA layer this module needs at its site; None: it needs none."""
+        return None
+
+    def peft_fill(self, delta: Delta, layer: nn.Module, adapter: str, scaling: float) -> None:
+        """Copy ``delta``'s trained tensors into peft's wrapped ``layer`` (adapter name
+        ``adapter``, LoRA scaling ``scaling``) for the ``lora``, ``lora_bias`` and ``ia3`` parts."""

@@ -3,6 +3,9 @@
 The norm is recomputed with weight + gate * delta (``forward`` is given the host norm), so it
 works for any norm class with a 1-D ``weight``, including RMSNorm variants that scale by
 (1 + weight).
+
+Merge: into the norm's weight. peft: folded into a trained copy of the norm
+(``modules_to_save``, or LN tuning when a structure has only norm modules).
 """
 
 from __future__ import annotations
@@ -35,12 +38,22 @@ class LNFitKind(DeltaKind):
     hosts = ("norm",)
     stage = 0
     defaults = {}
+    reweights_norm = True
+    merge_refusal = None
+    peft_refusal = None
+    code, colour, order = "N", "#009E73", 4
 
     def unit_params(self, site, params):
         return site.d_out
 
     def build(self, site, params, units):
         return LNFit(site.d_out)
+
+    def fold(self, delta, weight, bias):
+        return weight + delta.weight.float(), bias
+
+    def peft_part(self, site):
+        return "norm"
 
 
 def norm_with_weight_delta(norm: nn.Module, x: Tensor, dw: Tensor) -> Tensor:

@@ -3,6 +3,9 @@
 A module of max rank R is R gated rank-1 components computed as one low-rank product per
 site: h = x A^T (R columns), each column scaled by its gate, then h B^T. A derived module of
 rank r is the same with r components and no gates.
+
+Merge: W += (alpha / r) B A. peft: a LoRA layer with this rank and lora_alpha (peft's
+lora_alpha / r is s3pet's scaling), A and B copied as they are.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from torch import nn
 
 from s3pet.deltas.base import Delta, DeltaKind, expand, project, register
+from s3pet.errors import StructureError
 
 
 class LoRA(Delta):
@@ -39,6 +43,9 @@ class LoRAKind(DeltaKind):
     stage = 1
     defaults = {"rank": 1, "alpha": 8.0}
     lr = 5e-4  # peft's usual LoRA rate with alpha = 2r (scaling 2); BitFit/LNFit/adapters take 1e-3
+    merge_refusal = None
+    peft_refusal = None
+    code, colour, order, ranked = "L", "#56B4E9", 0, True
 
     def max_units(self, site, params):
         return int(params["rank"])
@@ -48,3 +55,19 @@ class LoRAKind(DeltaKind):
 
     def build(self, site, params, units):
         return LoRA(site.d_in, site.d_out, units, float(params["alpha"]))
+
+    def fold(self, delta, weight, bias):
+        return weight + delta.scaling * (delta.lora_B.float() @ delta.lora_A.float()), bias
+
+    def peft_part(self, site):
+        return "lora"
+
+    def peft_rank(self, spec):
+        return int(spec.units), float(spec.params["alpha"])
+
+    def peft_fill(self, delta, layer, adapter, scaling):
+        if abs(scaling - delta.scaling) > 1e-12 * max(1.0, abs(delta.scaling)):
+            raise StructureError(f"peft scales a LoRA by {scaling}, s3pet by {delta.scaling}: "
+                                 "rank_pattern/alpha_pattern did not match it")
+        layer.lora_A[adapter].weight.copy_(delta.lora_A)
+        layer.lora_B[adapter].weight.copy_(delta.lora_B)

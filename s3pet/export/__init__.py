@@ -7,6 +7,9 @@ The task head is not part of the backbone: it is saved beside the model as ``hea
 (the state dict of ``TaskModel.head``, e.g. ``weight`` and ``bias`` of a linear read-out),
 applied to the pooled features as in ``s3pet.heads.TaskModel``.
 
+Each kind says how it exports (``s3pet.deltas.base.DeltaKind``: ``fold`` / ``merge_refusal``,
+``peft_part`` / ``peft_refusal``); the lists below are what the shipped kinds say.
+
 peft (``export_peft``): a folder with ``adapter_config.json`` and ``adapter_model.safetensors``
 that ``PeftModel.from_pretrained(base, folder)`` loads, ``base`` being the backbone as
 ``load_backbone`` builds it (``AutoModel``; ``AutoModelForSeq2SeqLM`` for T5); with a task
@@ -29,27 +32,30 @@ that ``PeftModel.from_pretrained(base, folder)`` loads, ``base`` being the backb
   (norm modules still go to ``modules_to_save``), since a peft adapter is one method.
 
 Not expressible in peft (StructureError naming kinds and sites, suggesting ``--merge`` when
-merging works): ``adapter`` and ``lowrank_adapter`` (sequential bottlenecks: no peft
-counterpart, no merge either); ``ia3`` together with ``lora`` or linear ``bitfit``;
-``bitfit`` on a norm
-without a bias (RMSNorm).
+merging works): ``adapter``, ``lowrank_adapter`` and ``parallel_adapter`` (bottlenecks: no
+peft counterpart, no merge either); ``adapterbias`` (peft has none; it merges); ``ia3``
+together with ``lora`` or linear ``bitfit``; ``bitfit`` on a norm without a bias (RMSNorm).
 
 merged (``merge`` / ``export_merged``): the deltas folded into the weights of a plain
 transformers model saved with ``save_pretrained`` (``AutoModel.from_pretrained`` loads it).
 ``lora``: W += (alpha/r) B A (transposed for ``Conv1D``); ``ia3``: rows of W and the bias
 scaled by 1 + scale (before LoRA and BitFit add theirs, as in s3pet); ``bitfit``: into the
 bias, creating one on an ``nn.Linear`` / ``nn.LayerNorm`` without one; ``lnfit``: into the
-norm weight. A created bias survives ``from_pretrained`` only if the config builds it: config
+norm weight; ``adapterbias``: W += v (alpha^T W), b += v (alpha^T b), after the kinds of
+earlier stages at its host (the output projection). A created bias survives ``from_pretrained`` only if the config builds it: config
 switches such as LLaMA's ``attention_bias`` / ``mlp_bias`` are turned on (the other layers
 they cover get zero biases); where no switch exists (T5), ``export_merged`` raises
-StructureError instead of writing a model that would silently lose them. Adapters cannot be
-merged (StructureError)."""
+StructureError instead of writing a model that would silently lose them. Bottleneck adapters
+cannot be merged (StructureError).
+
+``exportable_specs`` (``s3pet.export.exportable``) restricts a space's candidates to those
+one of the two exports can always write (``SearchConfig.exportable``)."""
 
 from s3pet.export.adapter import ADAPTER, PeftPlan, export_peft, plan_peft
 from s3pet.export.folders import MARKER, read_export_info
 from s3pet.export.merging import export_merged, merge, merge_problems
 from s3pet.export.runs import FORMATS, export_run
-from s3pet.export.weights import SEQUENTIAL, build_deltas
+from s3pet.export.weights import build_deltas
 
-__all__ = ["ADAPTER", "FORMATS", "MARKER", "SEQUENTIAL", "PeftPlan", "build_deltas", "export_merged", "export_peft",
+__all__ = ["ADAPTER", "FORMATS", "MARKER", "PeftPlan", "build_deltas", "export_merged", "export_peft",
            "export_run", "merge", "merge_problems", "plan_peft", "read_export_info"]

@@ -17,7 +17,8 @@ from s3pet import structure as S
 from s3pet.errors import ConfigError, StructureError
 from s3pet.export.folders import HUB_IDS, check_target, model_card, staging, write_extras
 from s3pet.export.merging import merge_problems
-from s3pet.export.weights import SEQUENTIAL, by_site, check_same, load_deltas, outputs, probe_batch, s3pet_outputs, some
+from s3pet.deltas import KINDS
+from s3pet.export.weights import by_site, check_same, load_deltas, outputs, probe_batch, s3pet_outputs, some
 from s3pet.inject import DeltaSet
 from s3pet.models import model_name
 from s3pet.space import ModuleSpec
@@ -41,49 +42,53 @@ class PeftPlan:
 def plan_peft(structure: S.Structure, backbone: nn.Module) -> PeftPlan:
     """Work out how ``structure`` maps onto a peft adapter; ``problems`` lists what cannot.
 
-    BitFit on a linear becomes the bias of LoRA's B (``lora_bias=True``) rather than a change
-    of the base layer's own bias, so that ``disable_adapter()`` and unloading undo it like every
-    other part of the adapter; a BitFit site without LoRA gets a rank-1 LoRA whose factors are
-    zero (exact: it adds only the bias; it costs d_in + d_out zeros in the file).
+    Each kind says which part of a peft adapter carries it (``DeltaKind.peft_part``): LoRA
+    layers, the bias of LoRA's B (``lora_bias``: BitFit on a linear, undone by
+    ``disable_adapter()`` like every other part), IA3 vectors, or trained norm copies. A
+    ``lora_bias`` site without a LoRA gets a rank-1 LoRA whose factors are zero (exact: it adds
+    only the bias; it costs d_in + d_out zeros in the file).
     """
     specs = S.to_specs(structure, backbone)
     if not specs:
         raise StructureError("the structure has no modules: nothing to export")
-    sites: dict[str, dict[str, ModuleSpec]] = {}
+    return plan_specs(specs, backbone)
+
+
+def plan_specs(specs: list[ModuleSpec], backbone: nn.Module) -> PeftPlan:
+    """``plan_peft`` of a list of modules (a structure's, or candidates of a space)."""
+    sites: dict[str, dict[str, tuple[ModuleSpec, str | None]]] = {}
     for spec in specs:
-        sites.setdefault(spec.site.path, {})[spec.kind] = spec
-    kinds = {s.kind for s in specs}
-    lin_other = any(s.kind in ("lora", "bitfit") and s.site.host == "linear" for s in specs)
-    if "ia3" in kinds:
-        method = "ia3"
-    elif lin_other:
-        method = "lora"
-    else:
-        method = "ln_tuning"
+        kind = KINDS[spec.kind]
+        sites.setdefault(spec.site.path, {})[spec.kind] = (spec, kind.peft_part(spec.site) if kind.peft_refusal is None
+                                                           else None)
+    parts = {part: sorted({k for by_kind in sites.values() for k, (_, p) in by_kind.items() if p == part})
+             for part in ("lora", "lora_bias", "ia3", "norm")}
+    lin_other = bool(parts["lora"] or parts["lora_bias"])
+    method = "ia3" if parts["ia3"] else "lora" if lin_other else "ln_tuning"
     plan = PeftPlan(method)
     has_lora_bias = "lora_bias" in _lora_config_fields()
     bad: dict[str, list[str]] = {}
     for path, by_kind in sites.items():
         host = backbone.get_submodule(path)
-        for kind, spec in by_kind.items():
+        for kind, (spec, part) in by_kind.items():
             where = f"{path} ({spec.site.role})"
-            if kind in SEQUENTIAL:
-                bad.setdefault(f"{kind} (sequential bottleneck, no peft counterpart)", []).append(where)
-            elif kind == "ia3" and lin_other:
-                bad.setdefault("ia3 together with lora/bitfit on linears (a peft adapter is one method)",
-                               []).append(where)
-            elif kind == "bitfit" and spec.site.host == "linear":
+            if part is None:
+                bad.setdefault(f"{kind} ({KINDS[kind].peft_refusal})", []).append(where)
+            elif part == "ia3" and lin_other:
+                bad.setdefault(f"{'/'.join(parts['ia3'])} together with {'/'.join(parts['lora'] + parts['lora_bias'])} "
+                               "on linears (a peft adapter is one method)", []).append(where)
+            elif part == "lora_bias":
                 if not has_lora_bias:
-                    bad.setdefault("bitfit on a linear (needs peft >= 0.14 for lora_bias)", []).append(where)
+                    bad.setdefault(f"{kind} on a linear (needs peft >= 0.14 for lora_bias)", []).append(where)
                 plan.lora_bias = True
-                if "lora" not in by_kind:
+                if not any(KINDS[k].peft_rank(s) for k, (s, _) in by_kind.items() if KINDS[k].peft_refusal is None):
                     plan.bias_only.append(path)
-            elif kind == "bitfit" and spec.site.host == "norm" and getattr(host, "bias", None) is None:
-                bad.setdefault("bitfit on a norm without a bias", []).append(where)
-        hosts = {spec.site.host for spec in by_kind.values()}
-        if "lora" in by_kind or "ia3" in by_kind or path in plan.bias_only:
+            elif part == "norm" and KINDS[kind].adds_bias and getattr(host, "bias", None) is None:
+                bad.setdefault(f"{kind} on a norm without a bias", []).append(where)
+        got = {p for _, p in by_kind.values()}
+        if got & {"lora", "ia3"} or path in plan.bias_only:
             plan.targets.append(path)
-        if "norm" in hosts:
+        if "norm" in got:
             (plan.targets if method == "ln_tuning" else plan.save).append(path)
     plan.problems = [f"{what}: {some(where)}" for what, where in bad.items()]
     if method == "ia3":
@@ -126,9 +131,11 @@ def peft_config(plan: PeftPlan, specs: list[ModuleSpec], root: nn.Module, prefix
         common["fan_in_fan_out"] = True
     if plan.method == "ia3":
         return peft.IA3Config(target_modules=targets, feedforward_modules=[], modules_to_save=save, **common)
-    lora = [s for s in specs if s.kind == "lora"]
-    ranks = {re.escape(prefix + s.site.path): int(s.units) for s in lora}
-    alphas = {re.escape(prefix + s.site.path): float(s.params["alpha"]) for s in lora}
+    ranks, alphas = {}, {}
+    for s in specs:
+        ra = KINDS[s.kind].peft_rank(s) if KINDS[s.kind].peft_refusal is None else None
+        if ra:
+            ranks[re.escape(prefix + s.site.path)], alphas[re.escape(prefix + s.site.path)] = ra
     for path in plan.bias_only:  # zero rank-1 LoRA, scaling 1: it adds exactly its B bias
         ranks[re.escape(prefix + path)], alphas[re.escape(prefix + path)] = 1, 1.0
     extra = {"lora_bias": True} if plan.lora_bias else {}
@@ -139,42 +146,37 @@ def peft_config(plan: PeftPlan, specs: list[ModuleSpec], root: nn.Module, prefix
 
 @torch.no_grad()
 def fill_peft(pm: nn.Module, plan: PeftPlan, specs: list[ModuleSpec], ds: DeltaSet, prefix: str = "") -> None:
-    """Copy the trained deltas into the freshly wrapped peft model (backbone at ``prefix``)."""
+    """Copy the trained deltas into the freshly wrapped peft model (backbone at ``prefix``):
+    norm parts folded into the norm copies, every other part by its kind's ``peft_fill``."""
     root = pm.base_model.model
     for path, by_kind in by_site(specs, ds).items():
         mod = root.get_submodule(prefix + path)
+        items = sorted(by_kind.values(), key=lambda t: KINDS[t[0].kind].stage)
         if plan.method == "ln_tuning" or path in plan.save:
             norm = mod.ln_tuning_layers[ADAPTER] if plan.method == "ln_tuning" else mod.modules_to_save[ADAPTER]
-            _fold_norm(norm, by_kind, path)
+            _fold_norm(norm, items, path)
             continue
-        if "ia3" in by_kind:
-            scale = by_kind["ia3"][1].scale
-            lv = mod.ia3_l[ADAPTER]
-            lv.copy_((1 + scale.to(lv.dtype)).reshape(lv.shape))
         scaling = mod.scaling[ADAPTER] if hasattr(mod, "scaling") else 1.0
-        if "lora" in by_kind:
-            spec, d = by_kind["lora"]
-            a, b = mod.lora_A[ADAPTER], mod.lora_B[ADAPTER]
-            if abs(scaling - d.scaling) > 1e-12 * max(1.0, abs(d.scaling)):
-                raise StructureError(f"peft scales the LoRA at {path} by {scaling}, s3pet by "
-                                     f"{d.scaling}: rank_pattern/alpha_pattern did not match it")
-            a.weight.copy_(d.lora_A)
-            b.weight.copy_(d.lora_B)
-        elif path in plan.bias_only:
+        if path in plan.bias_only:
             mod.lora_A[ADAPTER].weight.zero_()
             mod.lora_B[ADAPTER].weight.zero_()
-        if "bitfit" in by_kind:  # scaling * b_B adds the delta
-            lb = mod.lora_B[ADAPTER].bias
-            lb.copy_(by_kind["bitfit"][1].bias.to(lb.dtype) / scaling)
+        for spec, d in items:
+            try:
+                KINDS[spec.kind].peft_fill(d, mod, ADAPTER, scaling)
+            except StructureError as e:
+                raise StructureError(f"{spec.kind} at {path}: {e}") from e
 
 
-def _fold_norm(norm: nn.Module, by_kind: dict, path: str) -> None:
-    if "lnfit" in by_kind:
-        norm.weight.add_(by_kind["lnfit"][1].weight.to(norm.weight.dtype))
-    if "bitfit" in by_kind:
-        if getattr(norm, "bias", None) is None:
-            raise StructureError(f"bitfit at {path}: the norm has no bias to fold into")
-        norm.bias.add_(by_kind["bitfit"][1].bias.to(norm.bias.dtype))
+def _fold_norm(norm: nn.Module, items: list, path: str) -> None:
+    w = norm.weight.float()
+    b = norm.bias.float() if getattr(norm, "bias", None) is not None else None
+    for spec, d in items:
+        w, b = KINDS[spec.kind].fold(d, w, b)
+    if b is not None and getattr(norm, "bias", None) is None:
+        raise StructureError(f"{'/'.join(s.kind for s, _ in items)} at {path}: the norm has no bias to fold into")
+    norm.weight.copy_(w.to(norm.weight.dtype))
+    if b is not None:
+        norm.bias.copy_(b.to(norm.bias.dtype))
 
 
 def export_peft(structure: S.Structure, backbone: nn.Module, out_dir: str | Path,

@@ -1,4 +1,7 @@
-"""Merged export: the deltas folded into the weights of a plain transformers model."""
+"""Merged export: the deltas folded into the weights of a plain transformers model.
+
+Each kind folds itself (``DeltaKind.fold``), in stage order at its host, on float32 copies of
+the host's weight and bias; a kind that cannot says why (``DeltaKind.merge_refusal``)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from torch import Tensor, nn
 from s3pet import structure as S
 from s3pet.errors import ConfigError, StructureError
 from s3pet.export.folders import staging, write_extras, check_target
-from s3pet.export.weights import SEQUENTIAL, by_site, check_same, load_deltas, outputs, probe_batch, s3pet_outputs, some
+from s3pet.deltas import KINDS
+from s3pet.export.weights import by_site, check_same, load_deltas, outputs, probe_batch, s3pet_outputs, some
 from s3pet.inject import DeltaSet
 from s3pet.space import ModuleSpec, is_linear
 
@@ -28,42 +32,55 @@ def merge_problems(specs: list[ModuleSpec], backbone: nn.Module) -> list[str]:
     """What stops ``specs`` from being merged into a model that ``from_pretrained`` reloads."""
     blockers, lost = _merge_check(specs, backbone)
     if lost:
-        blockers.append(f"bitfit on bias-free layers whose config has no switch for a bias "
+        kinds = "/".join(sorted({s.kind for s in specs if s.site.path in lost and KINDS[s.kind].adds_bias}))
+        blockers.append(f"{kinds} on bias-free layers whose config has no switch for a bias "
                         f"({type(backbone).__name__}; from_pretrained would drop it): {some(lost)}")
     return blockers
 
 
-def _merge_check(specs: list[ModuleSpec], backbone: nn.Module) -> tuple[list[str], list[str]]:
-    """(what cannot be folded at all, sites whose created bias from_pretrained would drop)."""
+def mergeable(specs: list[ModuleSpec], backbone: nn.Module) -> list[ModuleSpec]:
+    """The modules of ``specs`` that merge into a model ``from_pretrained`` reloads, each on
+    its own (what ``merge_problems`` of one of them would not refuse), in one pass."""
+    blockers, lost = _merge_check(specs, backbone, per_spec=True)
+    return [s for s in specs if s.key not in blockers and not (KINDS[s.kind].adds_bias and s.site.path in lost)]
+
+
+def _merge_check(specs: list[ModuleSpec], backbone: nn.Module, per_spec: bool = False):
+    """(what cannot be folded at all, sites whose created bias from_pretrained would drop);
+    with ``per_spec`` the first is the set of the keys of the modules that cannot."""
     bad: dict[str, list[str]] = {}
+    keys = set()
     new_bias = []
     for spec in specs:
         where = f"{spec.site.path} ({spec.site.role})"
-        if spec.kind in SEQUENTIAL:
-            bad.setdefault(f"{spec.kind} (sequential bottleneck, cannot be folded into weights)", []).append(where)
-        elif spec.kind == "bitfit":
+        kind = KINDS[spec.kind]
+        if kind.merge_refusal is not None:
+            bad.setdefault(f"{spec.kind} ({kind.merge_refusal})", []).append(where)
+            keys.add(spec.key)
+        elif kind.adds_bias:
             host = backbone.get_submodule(spec.site.path)
             if getattr(host, "bias", None) is not None:
                 continue
             if not _plain_bias_ok(host):
-                bad.setdefault(f"bitfit on a {type(host).__name__} without a bias (its forward has none)",
+                bad.setdefault(f"{spec.kind} on a {type(host).__name__} without a bias (its forward has none)",
                                []).append(where)
+                keys.add(spec.key)
             else:
                 new_bias.append(spec.site.path)
-    lost = _bias_switches(backbone, new_bias)[1] if new_bias else []
-    return [f"{what}: {some(where)}" for what, where in bad.items()], lost
+    lost = _bias_switches(backbone, sorted(set(new_bias)))[1] if new_bias else []
+    return (keys if per_spec else [f"{what}: {some(where)}" for what, where in bad.items()]), lost
 
 
 def merge(structure: S.Structure, backbone: nn.Module, weights: dict[str, Tensor] | None, *,
           inplace: bool = False, verify: bool = True) -> nn.Module:
     """Fold the structure's deltas into the weights of (a copy of) ``backbone``.
 
-    LoRA, IA3, BitFit and LNFit fold as the module docstring says; a bias is created where
-    BitFit needs one and the module allows it, and config switches (LLaMA's
+    Each kind folds as its ``DeltaKind.fold`` says; a bias is created where a kind adds one
+    (BitFit) and the module allows it, and config switches (LLaMA's
     ``attention_bias`` / ``mlp_bias``) are turned on so that the model reloads with it
     (layers they cover get zero biases). ``verify`` compares with s3pet's model on a probe
     batch. Returns the merged model (a plain transformers model, in eval mode).
-    Raises StructureError for adapters or a bias the module cannot take.
+    Raises StructureError for kinds that cannot be folded (adapters) or a bias the module cannot take.
     """
     specs = S.to_specs(structure, backbone)
     blockers, _ = _merge_check(specs, backbone)
@@ -91,43 +108,24 @@ def merge(structure: S.Structure, backbone: nn.Module, weights: dict[str, Tensor
 
 @torch.no_grad()
 def _fold(model: nn.Module, specs: list[ModuleSpec], ds: DeltaSet) -> list[str]:
-    """Fold every delta into ``model``; returns the paths where a bias was created."""
+    """Fold every delta into ``model``, kinds in stage order at each host; returns the paths
+    where a bias was created."""
     added = []
     for path, by_kind in by_site(specs, ds).items():
         mod = model.get_submodule(path)
-        if is_linear(mod):
-            conv1d = not isinstance(mod, nn.Linear)  # GPT-2 Conv1D stores W as (in, out)
-            w = mod.weight
-            w32 = w.float()
-            b32 = mod.bias.float() if getattr(mod, "bias", None) is not None else None
-            if "ia3" in by_kind:  # stage 0: scales the base output, bias included
-                s = 1 + by_kind["ia3"][1].scale.float()
-                w32 = w32 * (s[None, :] if conv1d else s[:, None])
-                b32 = b32 * s if b32 is not None else None
-            if "lora" in by_kind:
-                d = by_kind["lora"][1]
-                dw = d.scaling * (d.lora_B.float() @ d.lora_A.float())  # (out, in)
-                w32 = w32 + (dw.T if conv1d else dw)
-            w.copy_(w32.to(w.dtype))
-            if "bitfit" in by_kind:
-                db = by_kind["bitfit"][1].bias.float()
-                if b32 is None:
-                    mod.bias = nn.Parameter(torch.zeros(db.shape[0], dtype=w.dtype, device=w.device),
-                                            requires_grad=w.requires_grad)
-                    b32 = torch.zeros_like(db)
-                    added.append(path)
-                b32 = b32 + db
-            if b32 is not None:
-                mod.bias.copy_(b32.to(mod.bias.dtype))
-        else:  # a norm
-            if "lnfit" in by_kind:
-                mod.weight.add_(by_kind["lnfit"][1].weight.to(mod.weight.dtype))
-            if "bitfit" in by_kind:
-                if getattr(mod, "bias", None) is None:
-                    w = mod.weight
-                    mod.bias = nn.Parameter(torch.zeros_like(w), requires_grad=w.requires_grad)
-                    added.append(path)
-                mod.bias.add_(by_kind["bitfit"][1].bias.to(mod.bias.dtype))
+        conv1d = is_linear(mod) and not isinstance(mod, nn.Linear)  # GPT-2 Conv1D stores W as (in, out)
+        w = mod.weight
+        w32 = w.float().T if conv1d else w.float()
+        b32 = mod.bias.float() if getattr(mod, "bias", None) is not None else None
+        for spec, d in sorted(by_kind.values(), key=lambda t: KINDS[t[0].kind].stage):
+            w32, b32 = KINDS[spec.kind].fold(d, w32, b32)
+        w.copy_((w32.T if conv1d else w32).to(w.dtype))
+        if b32 is not None:
+            if getattr(mod, "bias", None) is None:
+                mod.bias = nn.Parameter(torch.zeros(b32.shape[0], dtype=w.dtype, device=w.device),
+                                        requires_grad=w.requires_grad)
+                added.append(path)
+            mod.bias.copy_(b32.to(mod.bias.dtype))
     return added
 
 

@@ -16,8 +16,6 @@ from s3pet.space import ModuleSpec
 
 log = logging.getLogger("s3pet.export")
 
-SEQUENTIAL = ("adapter", "lowrank_adapter")  # bottlenecks: no peft counterpart, no merge
-
 # ----------------------------------------------------------------------------- weights
 
 def build_deltas(structure: S.Structure, backbone: nn.Module,

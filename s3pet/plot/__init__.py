@@ -13,27 +13,27 @@ for several panels). matplotlib and networkx are imported only when needed.
 
 Modules: ``read`` (run files), ``grids`` (structure and gate grids), ``trajectory``,
 ``graph``, ``heatmaps`` (renderers of the grids) on ``panels`` and ``style``, ``paths``
-(``plot_paths``), ``common`` (roles, kinds, codes). Everything public is importable from
+(``plot_paths``), ``common`` (roles; kinds' codes and order, asked of the kinds). Everything public is importable from
 ``s3pet.plot``.
 """
 
 from __future__ import annotations
 
-from s3pet.plot.common import KIND_CODES, KINDS, RANKED_KINDS, ROLES, Key, layer_label
+from s3pet.plot.common import ROLES, Key, kind_code, layer_label, ranked
 from s3pet.plot.graph import graph_layout, module_label, plot_graph, role_sublayer, structure_graph
 from s3pet.plot.grids import (GateGrid, StructureGrid, average_grid, cell_label, gate_grid, gates_title,
                               structure_grid, structure_title, task_label)
 from s3pet.plot.heatmaps import plot_average, plot_gates, plot_structure
 from s3pet.plot.paths import DPI, FORMATS, STAGES, plot_paths
 from s3pet.plot.read import read_alphas, read_history, read_structure
-from s3pet.plot.style import KIND_COLOURS, kind_colour
+from s3pet.plot.style import kind_colour
 from s3pet.plot.trajectory import Series, Trajectory, plot_trajectory, trajectory, trajectory_panels
 
 __all__ = [
-    "DPI", "FORMATS", "KIND_CODES", "KIND_COLOURS", "KINDS", "RANKED_KINDS", "ROLES", "STAGES", "GateGrid",
+    "DPI", "FORMATS", "ROLES", "STAGES", "GateGrid",
     "Key", "Series", "StructureGrid", "Trajectory", "average_grid", "cell_label", "gate_grid", "gates_title",
     "graph_layout",
-    "kind_colour", "layer_label", "module_label", "plot_average", "plot_gates", "plot_graph", "plot_paths",
-    "plot_structure", "plot_trajectory", "read_alphas", "read_history", "read_structure", "role_sublayer",
+    "kind_code", "kind_colour", "layer_label", "module_label", "plot_average", "plot_gates", "plot_graph", "plot_paths",
+    "plot_structure", "plot_trajectory", "ranked", "read_alphas", "read_history", "read_structure", "role_sublayer",
     "structure_graph", "structure_grid", "structure_title", "task_label", "trajectory", "trajectory_panels",
 ]

@@ -13,12 +13,6 @@ ROLES = (
     "attn.block", "xattn.block", "ffn.block",
     "norm.emb", "norm.final",
 )
-KINDS = ("lora", "adapter", "lowrank_adapter", "bitfit", "lnfit", "ia3")
-# Kinds whose rank is searched; the others always have rank 1, so their rank is not printed.
-RANKED_KINDS = frozenset({"lora", "adapter"})
-# Short codes written in cells ("L2+B"): one legend entry per code.
-KIND_CODES = {"lora": "L", "adapter": "A", "lowrank_adapter": "LRA", "bitfit": "B",
-              "lnfit": "N", "ia3": "IA3"}
 _STACK_ORDER = ("encoder", "decoder")
 
 Key = tuple  # (stack, layer, role, kind)
@@ -44,8 +38,18 @@ def _role_key(role: str):
     return (ROLES.index(role), "") if role in ROLES else (len(ROLES), role)
 
 
+def _kind(name: str):
+    """The registered kind of that name, or None (a structure file may name a kind this
+    installation lacks). Imported here so that the plot package loads without torch."""
+    from s3pet.deltas import KINDS
+
+    return KINDS.get(name)
+
+
 def _kind_key(kind: str):
-    return (KINDS.index(kind), "") if kind in KINDS else (len(KINDS), kind)
+    """Sort key of kinds: their declared plot order, then the name; unknown kinds last."""
+    k = _kind(kind)
+    return (k.order, kind) if k is not None else (float("inf"), kind)
 
 
 def _infer_stack(site: str, stacks: Sequence[str]) -> str | None:
@@ -91,13 +95,24 @@ def _human(n: float) -> str:
     return f"{n:g}"
 
 
-def _code(kind: str) -> str:
-    return KIND_CODES.get(kind, kind[:3])
+def kind_code(kind: str) -> str:
+    """Short code of a kind written in cells ("L" in "L2+B"): the kind's own, else its first letters."""
+    k = _kind(kind)
+    return (k.code if k is not None else "") or kind[:3]
+
+
+_code = kind_code
+
+
+def ranked(kind: str) -> bool:
+    """Whether the kind's rank is searched (so always written; other kinds are rank 1)."""
+    k = _kind(kind)
+    return bool(k is not None and k.ranked)
 
 
 def _shows_rank(kind: str, rank: float) -> bool:
     """Whether a module's rank is written: always for searched ranks, else only if not 1."""
-    return kind in RANKED_KINDS or abs(rank - 1) > 1e-9
+    return ranked(kind) or abs(rank - 1) > 1e-9
 
 
 def _kind_entry(kind: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from s3pet.errors import ConfigError, StructureError
-from s3pet.plot.common import RANKED_KINDS, _code, _kind_entry, _shows_rank
+from s3pet.plot.common import _code, _kind_entry, _shows_rank, ranked
 from s3pet.plot.grids import GateGrid, StructureGrid, cell_label, gates_title, structure_title
 from s3pet.plot.panels import (_boundaries, _col_width, _colour_bar, _heatmap_panels, _kind_legend,
                                _Panel, _result, _y_labels)
@@ -118,7 +118,7 @@ def _plot_per_kind(grid: StructureGrid, ax, average: bool):
         title += ("\ncolour: fraction of the structures keeping the module (white: none)"
                   " · number: mean rank when kept")
     else:
-        fixed = [k for k in grid.kinds if k not in RANKED_KINDS
+        fixed = [k for k in grid.kinds if not ranked(k)
                  and all(abs(v - 1) < 1e-9 for key, v in grid.rank.items() if key[3] == k)]
         title += "\nnumber and shade: rank" + (
             f" ({', '.join(fixed)}: rank 1, not written)" if fixed else "")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-# Okabe-Ito colours (colour-blind safe), lightened in the renderers so black text stays legible.
-KIND_COLOURS = {"lora": "#56B4E9", "adapter": "#F0E442", "lowrank_adapter": "#CC79A7",
-                "bitfit": "#E69F00", "lnfit": "#009E73", "ia3": "#D55E00"}
-# Further kinds (Paul Tol's muted palette, picked to differ in hue from the six above).
+# Each kind declares its colour (``DeltaKind.colour``; the first six are Okabe-Ito's, colour-blind
+# safe), lightened in the renderers so black text stays legible. Kinds without one take these
+# (Paul Tol's muted palette, picked to differ in hue from Okabe-Ito's).
 _EXTRA_COLOURS = ("#999933", "#332288", "#882255", "#44AA99", "#999999", "#AA4499")
 
 
@@ -40,11 +39,18 @@ def _text_colour(fills) -> str:
     return "black" if sum(map(lum, fills)) / len(fills) > 0.18 else "white"
 
 
+def _own_colour(kind: str) -> str:
+    from s3pet.plot.common import _kind
+
+    k = _kind(kind)
+    return k.colour if k is not None else ""
+
+
 def kind_colour(kind: str, kinds: Sequence[str] = ()) -> str:
-    """Fixed colour of a kind; unknown kinds take spare colours in their order in ``kinds``."""
-    if kind in KIND_COLOURS:
-        return KIND_COLOURS[kind]
-    extra = [k for k in kinds if k not in KIND_COLOURS]
+    """Fixed colour of a kind (its own); kinds without one take spare colours in their order in ``kinds``."""
+    if _own_colour(kind):
+        return _own_colour(kind)
+    extra = [k for k in kinds if not _own_colour(k)]
     i = extra.index(kind) if kind in extra else sum(map(ord, kind))
     return _EXTRA_COLOURS[i % len(_EXTRA_COLOURS)]
 
