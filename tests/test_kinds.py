@@ -201,14 +201,13 @@ def test_search_with_exportable_derives_only_exportable_kinds_and_exports(tmp_pa
 
 
 def test_exportable_is_on_in_run_and_off_in_search():
-    from s3pet.cli import _search_cfg, build_parser
+    from s3pet.cli import parse
 
-    p = build_parser()
-    assert _search_cfg(p.parse_args(["run", "--out", "o"])).exportable is True
-    assert _search_cfg(p.parse_args(["run", "--out", "o", "--no-exportable"])).exportable is False
-    assert _search_cfg(p.parse_args(["search", "--task", "t", "--budget", "1k", "--out", "o"])).exportable is False
-    assert _search_cfg(p.parse_args(["search", "--task", "t", "--budget", "1k", "--out", "o",
-                                     "--exportable"])).exportable is True
+    assert parse(["run", "--out", "o"]).cfg.search.exportable is True
+    assert parse(["run", "--out", "o", "--no-exportable"]).cfg.search.exportable is False
+    assert parse(["search", "--task", "t", "--budget", "1k", "--out", "o"]).cfg["search"].exportable is False
+    assert parse(["search", "--task", "t", "--budget", "1k", "--out", "o",
+                  "--exportable"]).cfg["search"].exportable is True
 
 
 # --------------------------------------------------------------------------- the newer kinds' export
