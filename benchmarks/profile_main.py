@@ -161,7 +161,7 @@ def activity_rows(rows: list[dict], self_labels: dict[str, str], total: float) -
 
 def instrument(timer: StageTimer, pipeline) -> None:
     """Wrap the functions the main job calls (``pipeline`` is the imported s3pet.pipeline)."""
-    from s3pet import plot, search, structure, supernet, train
+    from s3pet import history, plot, search, structure, supernet, train
 
     tests: set[int] = set()  # ids of the test splits, to tell test from validation in fit's evaluate
 
@@ -180,14 +180,13 @@ def instrument(timer: StageTimer, pipeline) -> None:
     w(search.BiLevel, "w_step", "w steps")
     w(search, "evaluate", "validation")
     w(search, "_save_checkpoint", "checkpoint")
-    w(search, "append_jsonl", "history lines")
     w(supernet.Supernet, "candidate_rows", "derive")
     w(supernet.Supernet, "derive_specs", "derive")
     w(structure, "from_specs", "derive")
     w(structure, "apply", "apply structure")
     w(pipeline, "fit", "train loop", self_label="train steps (forward, backward, optimizer, batching)")
     w(train, "evaluate", lambda model, split, *a, **k: "test" if id(split) in tests else "validation")
-    w(train, "append_jsonl", "history lines")
+    w(history, "append_jsonl", "history lines")  # the one writer of history.jsonl, search and train
     w(pipeline, "write_json", "write outputs")
     w(pipeline, "write_alphas_csv", "write outputs")
     w(pipeline, "_save_delta", "write outputs")
