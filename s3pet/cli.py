@@ -157,7 +157,7 @@ def cmd_baseline(args, cfg) -> int:
     from s3pet.pipeline import baseline
 
     _print_metrics(baseline(args.method, args.budget, args.task, args.out, cfg["train"], model=args.model,
-                            space=args.space, data_dir=args.data_dir, overwrite=args.overwrite))
+                            space=args.space, data_dir=args.data_dir, overwrite=args.overwrite, resume=args.resume))
     return 0
 
 
@@ -228,7 +228,7 @@ def cmd_transfer(args, cfg) -> int:
         print(f"mapped onto {args.model} ({mapping}, budget {st.provenance['transfer']['budget']}): {st.summary()}")
     m = train_structure(st, args.task, model, args.out, cfg["train"], data_dir=args.data_dir, stage="transfer",
                         extra_config={"source_structure": str(args.structure), "transfer": asdict(cfg["transfer"])},
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, resume=args.resume)
     _print_metrics(m)
     return 0
 
@@ -313,6 +313,8 @@ OUT = Arg(("--out",), "run directory to write", required=True)
 OVERWRITE = Arg(("--overwrite",), "replace a finished run in --out (refused without)", False,
                 kw={"action": "store_true"})
 STRUCTURE = Arg(("--structure",), "structure.json to train", required=True)
+RESUME_TRAIN = Arg(("--resume",), "continue a killed run from its checkpoint (OUT/train.pt, written at every "
+                                  "validation)", False, kw={"action": "store_true"})
 RUNS = Arg(("--run", "--runs"), "run directory (repeat --run, or list after --runs)", kw={"nargs": "+",
                                                                                         "action": "extend"})
 
@@ -330,8 +332,7 @@ COMMANDS = (
         ("command", "versions", "space_spec", "space_params", "budget", "restart")),
     Command("retrain", "train a structure from scratch and evaluate it", cmd_retrain, (
         STRUCTURE, model_arg(), TASK, DATA_DIR, OUT,
-        Arg(("--resume",), "continue a killed retrain from its checkpoint (OUT/train.pt, written at every "
-                           "validation)", False, kw={"action": "store_true"}), OVERWRITE),
+        RESUME_TRAIN, OVERWRITE),
         {"train": "TrainConfig"}, {"model": "model", "task": "task", "data_dir": "data_dir"},
         ("command", "versions", "structure")),
     Command("baseline", "train a hand-designed PET method sized to the budget", cmd_baseline, (
@@ -341,7 +342,7 @@ COMMANDS = (
             kw={"choices": BASELINE_METHODS}),
         Arg(("--budget",), BUDGET + "; required except for full"),
         Arg(("--space",), "search space of the random method", "s3pet-m"), model_arg("minilm"), TASK, DATA_DIR,
-        OUT, OVERWRITE),
+        OUT, RESUME_TRAIN, OVERWRITE),
         {"train": "TrainConfig"}, {"model": "model", "task": "task", "data_dir": "data_dir", "method": "method",
                                    "budget": "budget", "space": "space"},
         ("command", "versions", "structure", "peft")),
@@ -366,7 +367,7 @@ COMMANDS = (
         Arg(("--out",), "output folder (or file for a single plot); default: beside each input"),
         Arg(("--format",), "comma-separated image formats: png, svg, pdf", "png,svg"))),
     Command("transfer", "retrain a structure on another task and/or model", cmd_transfer, (
-        STRUCTURE, model_arg(), TASK, DATA_DIR, OUT, OVERWRITE),
+        STRUCTURE, model_arg(), TASK, DATA_DIR, OUT, RESUME_TRAIN, OVERWRITE),
         {"transfer": "TransferConfig", "train": "TrainConfig"}, {"model": "model", "task": "task",
                                                                   "data_dir": "data_dir"},
         ("command", "versions", "structure", "source_structure")),

@@ -457,12 +457,16 @@ def evaluate_run(run_dir: str | Path, task: str | None = None, data_dir: str | N
 
 def baseline(method: str, budget: str | int | None, task: str, out: str | Path, cfg: TrainConfig | None = None,
              model: str = "minilm", space: str = "s3pet-m", data_dir: str | None = None,
-             overwrite: bool = False) -> dict:
-    """Train a hand-designed method (or a random structure of ``space``) sized to ``budget``."""
+             overwrite: bool = False, resume: bool = False) -> dict:
+    """Train a hand-designed method (or a random structure of ``space``) sized to ``budget``;
+    ``resume`` continues a killed run in ``out`` (s3pet's own structures and full fine-tuning)."""
     from s3pet import peft_methods
     from s3pet.baselines import METHODS, baseline_structure
 
     cfg = cfg or TrainConfig()
+    if resume and (method in peft_methods.METHODS or method == "lst"):
+        raise ConfigError(f"--resume is not supported for --method {method} (it trains outside s3pet's "
+                          "checkpointed loop); run it again with --overwrite")
     if method in peft_methods.METHODS:
         return train_peft(method, budget, task, out, cfg, model=model, data_dir=data_dir, overwrite=overwrite)
     if method not in METHODS:
@@ -473,7 +477,7 @@ def baseline(method: str, budget: str | int | None, task: str, out: str | Path, 
         raise ConfigError(f"--budget {budget} does not apply to --method full (every weight trains); drop --budget")
     if method == "lst":
         return train_lst(budget, task, out, cfg, model=model, data_dir=data_dir, overwrite=overwrite)
-    rundir.check(out, overwrite=overwrite)
+    rundir.check(out, overwrite=overwrite, resume=resume)
     backbone = load_backbone(model, seed=cfg.seed)
     bb = count_params(backbone)
     st, brec = None, None
@@ -486,7 +490,7 @@ def baseline(method: str, budget: str | int | None, task: str, out: str | Path, 
     return train_structure(st, task, model, out, cfg, data_dir, stage=f"baseline:{method}",
                            extra_config={"method": method, "budget": brec,
                                          "space": space if method == "random" else None},
-                           overwrite=overwrite, extra_metrics={"method": method})
+                           overwrite=overwrite, extra_metrics={"method": method}, resume=resume)
 
 
 def train_lst(budget: str | int, task: str, out: str | Path, cfg: TrainConfig, model: str = "minilm",

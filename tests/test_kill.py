@@ -159,9 +159,14 @@ def test_a_second_process_on_the_same_out_is_refused_with_the_holders_pid(task, 
     assert (out / "history.jsonl").exists()  # the refused process touched nothing of the holder's
 
 
-def test_killed_retrain_resumes_to_the_uninterrupted_result(task, tmp_path, caplog):
+@pytest.mark.parametrize("stage", ["retrain", "baseline", "transfer"])
+def test_killed_retrain_resumes_to_the_uninterrupted_result(task, tmp_path, caplog, stage):
     argv, out = _retrain_argv(task, tmp_path, "3")
     argv += ["--max-steps", "60", "--max-eval-samples", "8"]
+    if stage == "baseline":  # the same training loop behind a hand-designed structure
+        argv = ["baseline", "--method", "bitfit", "--budget", "800", "--model", "tiny-bert", *argv[3:]]
+    elif stage == "transfer":  # ... and behind a structure carried to another task
+        argv = ["transfer", *argv[1:]]
     proc = _start(argv)
     _kill_when(proc, lambda: (out / "train.pt").exists() and _history_lines(out / "history.jsonl") >= 12)
     assert_whole(out)

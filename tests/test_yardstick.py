@@ -224,3 +224,10 @@ def test_lnfit_baseline_trains_scale_and_bias_of_every_norm(alias):
     order = [(s.path, k) for s in sorted(norms, key=lambda s: (-s.layer, s.stack)) for k in ("lnfit", "bitfit")]
     small = baseline_structure("lnfit", bb, norms[0].d_out * 3)  # 3 vectors: the top norms, scale first
     assert {(m["site"], m["kind"]) for m in small.modules} == set(order[:3])
+
+
+@pytest.mark.parametrize("method", ["peft-lora-r8-qv", "lst"])
+def test_resume_of_a_run_outside_the_checkpointed_loop_is_one_line(tmp_path, toy, method):
+    with pytest.raises(ConfigError, match="--resume is not supported") as e:
+        baseline(method, "1k", toy, tmp_path / "o", TrainConfig(max_steps=2), model="tiny-bert", resume=True)
+    assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
