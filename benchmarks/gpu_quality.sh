@@ -4,13 +4,16 @@
 # limit, then pack the whole output into one file under $OUT (only a few files come back).
 #   bash benchmarks/gpu_quality.sh TIME_LIMIT_S [quality.py options...]
 # Expects .gpu/model (the fp16 MiniLM), .gpu/data (GLUE/SuperGLUE files) and, optionally,
-# .gpu/prev.tgz (what an earlier call packed).
+# .gpu/prev*.tgz (what earlier calls packed).
 set -u
 limit=$1; shift
 ln -sfn ../search_spaces s3pet/search_spaces
 ln -sfn ../tasks s3pet/task_cards
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-merge=(); [ -f .gpu/prev.tgz ] && merge=(--merge .gpu/prev.tgz)
+# Every earlier call's pack (.gpu/prev*.tgz: keep one per call, e.g. prev1.tgz, prev2.tgz) and the
+# committed runs: a call that forgets one of them would only redo its runs.
+merge=()
+for f in docs/results/quality/runs.tgz .gpu/prev*.tgz; do [ -f "$f" ] && merge+=(--merge "$f"); done
 timeout $((limit + 30)) python3 benchmarks/quality.py --model .gpu/model --data-dir .gpu/data --out .gpu/q \
   --workers "${WORKERS:-14}" --threads 1 --time-limit "$limit" "${merge[@]}" "$@" > "$OUT/log.txt" 2>&1
 echo "exit $?"
