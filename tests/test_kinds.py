@@ -21,6 +21,8 @@ from s3pet.inject import DeltaSet
 from s3pet.models import load_backbone
 from s3pet.space import discover_sites, instantiate, load_space
 from s3pet.structure import from_specs, to_specs
+from test_export import batch_for, s3pet_out
+from test_export import run as out_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,28 +37,6 @@ def structure_of(name, entries, seed=1):
     g = torch.Generator().manual_seed(seed)
     ds = DeltaSet(to_specs(st, bb))
     return bb, st, {k: 0.3 * torch.randn(v.shape, generator=g) for k, v in ds.state_dict().items()}
-
-
-def batch_for(model):
-    ids = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(3))
-    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if model.config.is_encoder_decoder:
-        b["decoder_input_ids"] = ids[:, :3]
-    return b
-
-
-@torch.no_grad()
-def out_of(model, batch):
-    model.eval()
-    return model(**batch)[0]
-
-
-def s3pet_out(name, st, weights):
-    bb = load_backbone(name)
-    ds = DeltaSet(to_specs(st, bb))
-    ds.load_state_dict(weights)
-    ds.attach(bb)
-    return out_of(bb, batch_for(bb))
 
 
 # --------------------------------------------------------------------------- a kind declared in a test
