@@ -3,10 +3,13 @@
 # has the dependencies but no network), merge the previous calls' runs, run until the time
 # limit, then pack the whole output into one file under $OUT (only a few files come back).
 #   bash benchmarks/gpu_quality.sh TIME_LIMIT_S [quality.py options...]
+# QNAME=NAME names the output (.gpu/NAME, $OUT/NAME.tgz, $OUT/NAME-log.txt; default q), so that two
+# grids (e.g. baselines and search ablations) can share the GPU in one call, each with its own WORKERS.
 # Expects .gpu/model (the fp16 MiniLM), .gpu/data (GLUE/SuperGLUE files) and, optionally,
 # .gpu/prev*.tgz (what earlier calls packed).
 set -u
 limit=$1; shift
+q=${QNAME:-q}
 ln -sfn ../search_spaces s3pet/search_spaces
 ln -sfn ../tasks s3pet/task_cards
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -14,10 +17,10 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # committed runs: a call that forgets one of them would only redo its runs.
 merge=()
 for f in docs/results/quality/runs.tgz .gpu/prev*.tgz; do [ -f "$f" ] && merge+=(--merge "$f"); done
-timeout $((limit + 30)) python3 benchmarks/quality.py --model .gpu/model --data-dir .gpu/data --out .gpu/q \
-  --workers "${WORKERS:-14}" --threads 1 --time-limit "$limit" "${merge[@]}" "$@" > "$OUT/log.txt" 2>&1
+timeout $((limit + 30)) python3 benchmarks/quality.py --model .gpu/model --data-dir .gpu/data --out ".gpu/$q" \
+  --workers "${WORKERS:-14}" --threads 1 --time-limit "$limit" "${merge[@]}" "$@" > "$OUT/$q-log.txt" 2>&1
 echo "exit $?"
-tail -c 6000 "$OUT/log.txt"
-tar czf "$OUT/q.tgz" -C .gpu q
-cp .gpu/q/results.md .gpu/q/results.json .gpu/q/quality.png "$OUT/" 2>/dev/null
+tail -c 3000 "$OUT/$q-log.txt"
+tar czf "$OUT/$q.tgz" -C .gpu "$q"
+mkdir -p "$OUT/$q" && cp ".gpu/$q/results.md" ".gpu/$q/results.json" ".gpu/$q/quality.png" "$OUT/$q/" 2>/dev/null
 nvidia-smi --query-gpu=name,memory.used --format=csv
