@@ -61,6 +61,7 @@ ABLATIONS = {
     "s3pet-restarts3": {"restarts": 3},  # 3 searches averaged ...
     "s3pet-long3": {"epochs_factor": 3.0},  # ... against one search 3x as long
     "s3pet-second": {"order": "second", "epochs_factor": 1 / 2.8},  # equal wall time: 2.8x per step (benchmarks.md)
+    "s3pet-kindlr": {"kind_lr_scale": 3.0},  # each kind at 3x its retrain rate (LoRA 1.5e-3, others 3e-3)
     "s3pet-recipe": {"warmup_epochs": 1.0, "alpha_init": "sensitivity", "temperature_final": 0.1, "alpha_accum": 4},
 }
 DEFAULT_METHODS = ("s3pet-m", "unified", "random", "lora", "lora-all", "adapter", "bitfit", "lnfit", "full",

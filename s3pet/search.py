@@ -68,6 +68,33 @@ class SearchModel(nn.Module):
         return {n: p for n, p in self.named_parameters() if id(p) in ids}
 
 
+def w_groups(root: SearchModel, cfg: SearchConfig) -> list[dict]:
+    """AdamW groups of the PET modules and head: one rate (``w_lr``) for every module, or, with
+    ``kind_lr_scale``, each kind at its known-good rate times the scale (what retraining gives it,
+    so the gates compare kinds trained the way the derived structure will be); the head at
+    ``head_lr``, else the largest module rate."""
+    from s3pet.deltas import KINDS
+
+    if not cfg.kind_lr_scale:
+        groups = [{"params": root.supernet.delta_parameters(), "lr": cfg.w_lr}]
+    else:
+        by_kind: dict[str, list] = {}
+        ds = root.supernet.deltaset
+        seen: set[int] = set()
+        for spec in ds.specs:
+            for p in ds.delta(spec).parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    by_kind.setdefault(spec.kind, []).append(p)
+        rest = [p for p in root.supernet.delta_parameters() if id(p) not in seen]  # owned by no one module
+        groups = [{"params": ps, "lr": KINDS[k].lr * cfg.kind_lr_scale} for k, ps in sorted(by_kind.items())]
+        if rest:
+            groups.append({"params": rest, "lr": max(g["lr"] for g in groups)})
+    top = max((g["lr"] for g in groups), default=cfg.w_lr)
+    return [g for g in groups if g["params"]] + [{"params": root.task_model.head_parameters(),
+                                                   "lr": cfg.head_lr or top}]
+
+
 def split_alpha(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded split of training indices into D_w and D_alpha."""
     g = torch.Generator().manual_seed(10_007 + seed)
@@ -103,10 +130,7 @@ class BiLevel:
         self.sn.configure(beta=cfg.beta, temperature=cfg.temperature, hard=cfg.hard, gates=cfg.gates)
         self.w_named = root.w_named()
         self.w = list(self.w_named.values())
-        head_ids = {id(p) for p in root.task_model.head_parameters()}
-        groups = [{"params": [p for p in self.w if id(p) not in head_ids], "lr": cfg.w_lr},
-                  {"params": [p for p in self.w if id(p) in head_ids], "lr": cfg.head_lr or cfg.w_lr}]
-        self.opt_w = make_adamw(groups, device, cfg.weight_decay)
+        self.opt_w = make_adamw(w_groups(root, cfg), device, cfg.weight_decay)
         self.opt_a = make_adamw([{"params": self.sn.arch_parameters(), "lr": cfg.alpha_lr}], device, 0.0)
         alpha_total = total if alpha_total is None else max(1, alpha_total)  # alpha steps follow the warm-up
         self.sched_w = linear_schedule(self.opt_w, total, int(cfg.warmup_ratio * total))

@@ -305,3 +305,26 @@ def test_the_search_loop_forms_no_gates_of_its_own():
     src = inspect.getsource(s3pet.search)
     for name in ("torch.sigmoid(", "gate_logits(", "deltaset.z", "concrete_sample("):
         assert name not in src, name  # the supernet (through budget's functions) owns that
+
+
+def test_kind_lr_scale_trains_each_kind_at_its_own_rate():
+    from s3pet.deltas import KINDS
+
+    root = _root()
+    sn = root.supernet
+    root.task_model.head = torch.nn.Linear(4, 2)  # a head to place
+    root.task_model.head_parameters = lambda: list(root.task_model.head.parameters())
+    plain = BiLevel(root, SearchConfig(w_lr=1e-2), torch.device("cpu"), 10).opt_w.param_groups
+    assert [g["initial_lr"] for g in plain] == [1e-2, 1e-2]  # modules, head
+    groups = BiLevel(root, SearchConfig(w_lr=1e-2, kind_lr_scale=3.0), torch.device("cpu"), 10).opt_w.param_groups
+    rate = {id(p): g["initial_lr"] for g in groups for p in g["params"]}
+    kinds = {s.kind for s in sn.specs}
+    assert len(kinds) > 1 and len({KINDS[k].lr for k in kinds}) > 1  # the test tells kinds apart
+    for spec in sn.specs:
+        for p in sn.deltaset.delta(spec).parameters():
+            assert rate[id(p)] == pytest.approx(3.0 * KINDS[spec.kind].lr)
+    head = root.task_model.head_parameters()
+    assert head and all(rate[id(p)] == pytest.approx(3.0 * max(KINDS[k].lr for k in kinds)) for p in head)
+    # every trainable weight in exactly one group
+    assert sorted(rate) == sorted({id(p) for p in sn.delta_parameters()} | {id(p) for p in head})
+    assert sum(len(g["params"]) for g in groups) == len(rate)

@@ -23,6 +23,9 @@ class SearchConfig(Config):
     w_lr: float = setting(3e-4, "learning rate of the PET modules and head (paper code: AdamW 3e-4)", check="> 0")
     alpha_lr: float = setting(0.1, "learning rate of the gate logits (paper code: AdamW 0.1)", check="> 0")
     head_lr: float = setting(0.0, "learning rate of the task head; 0 = --w-lr", check=">= 0")
+    kind_lr_scale: float = setting(0.0, "0 = every PET module at --w-lr; > 0 = each kind at its own known-good "
+                                        "rate (the one retraining uses) times this, the head at the largest",
+                                   check=">= 0")
     weight_decay: float = setting(0.0, "AdamW weight decay of the PET modules and head", check=">= 0")
     grad_clip: float = setting(2.0, "max global gradient norm (paper code: 2.0); 0 = off", check=">= 0")
     warmup_ratio: float = setting(0.0, "share of the w steps with a linear learning-rate warm-up", check="[0, 1]")
