@@ -71,7 +71,8 @@ class SparseLoRA(Delta):
         self.scaling = alpha / rank if rank else 0.0
         self.lora_A = nn.Parameter(torch.empty(rank, d_in))
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank))  # zero: the module starts as a no-op
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if rank:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.sparse = nn.Parameter(torch.zeros(chunks, d_in + d_out))  # DSEE starts S at zero
         self.register_buffer("support", torch.full((chunks, d_in + d_out), UNSET, dtype=torch.long))
 
