@@ -17,8 +17,8 @@ positions are DSEE's choice for a support of that size).
 
 The support is a buffer (``support``, the flattened positions, saved with the weights) filled
 from the host's weight when the module is first attached (``bind``); S and B start at zero,
-so a fresh module is the identity. A module with chunks is refused on a host whose weight does
-not hold d_in * d_out >= sparse_units (d_in + d_out) positions.
+so a fresh module is the identity. A space entry gets at most d_in d_out / (d_in + d_out) chunks
+at a site (the positions the weight holds); building more is refused.
 
 Merge: W += (alpha / r) B A + S. peft has no sparse residual: a module without chunks exports as
 a LoRA layer (rank, alpha as LoRA's); one with chunks is refused by the peft export (merge it).
@@ -126,7 +126,9 @@ class SparseLoRAKind(DeltaKind):
         return out
 
     def max_units(self, site, params):
-        return int(params["rank"]) + int(params["sparse_units"])
+        # No more chunks than the layer has weights for (a small layer gets fewer).
+        room = site.d_in * site.d_out // (site.d_in + site.d_out)
+        return int(params["rank"]) + min(int(params["sparse_units"]), room)
 
     def unit_params(self, site, params):
         return site.d_in + site.d_out
