@@ -61,6 +61,8 @@ class DeltaSet(nn.Module):
             self._handles.append(backbone.get_submodule(path).register_forward_pre_hook(self._make_source_hook(path)))
         for path, items in self._by_host.items():
             host = backbone.get_submodule(path)
+            for spec, d in items:  # a module that depends on its frozen host reads it now
+                KINDS[spec.kind].bind(d, host)
             self._handles.append(host.register_forward_hook(self._make_hook(host, items)))
         return self
 

@@ -18,6 +18,7 @@ import torch
 
 import s3pet
 from s3pet import budget as B
+from s3pet import data as D
 from s3pet import rundir
 from s3pet import structure as S
 from s3pet.configs import RunConfig
@@ -248,6 +249,28 @@ def _save_delta(path: Path, named: dict[str, torch.Tensor]) -> None:
     atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in named.items()}))
 
 
+def prune_at_start(tm: TaskModel, deltaset, enc, cfg: TrainConfig, device: torch.device) -> None:
+    """Choose the supports of modules pruned on a batch (SNIP of the large-sparse adapter) on
+    the first training batch of epoch 0 in its seeded order, in eval mode (no dropout), from a
+    dense initialisation seeded by ``cfg.seed``: the same choice on every start and resume."""
+    from s3pet.deltas.adapter import prune_on_batch
+
+    first = next(iter(D.batches(enc.train, cfg.batch_size, enc.pad_id, shuffle=True, seed=cfg.seed, epoch=0)), None)
+    if first is None:
+        return
+    tm.to(device)
+    deltaset.to(device)
+    was = tm.training
+    tm.eval()
+    batch = D.to_device(first, device)
+    try:
+        n = prune_on_batch(list(deltaset.modules()), lambda: tm.loss(tm(batch), batch["labels"]), cfg.seed)
+    finally:
+        tm.train(was)
+    if n:
+        log.info("pruned %d sparse adapter(s) by SNIP on the first training batch", n)
+
+
 def train_structure(structure: S.Structure | None, task: str, model: str, out: str | Path, cfg: TrainConfig,
                     data_dir: str | None = None, stage: str = "retrain", extra_config: dict | None = None,
                     on_eval=None, overwrite: bool = False, extra_metrics: dict | None = None,
@@ -283,6 +306,8 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
         for spec in deltaset.specs:  # one group per kind: each trains at its own rate
             groups.setdefault(f"kind:{spec.kind}", []).extend(deltaset.delta(spec).parameters())
         deltaset.to(device)
+    if deltaset is not None:
+        prune_at_start(tm, deltaset, enc, cfg, device)
     rates = learning_rates(cfg, [k[len("kind:"):] for k in groups if k.startswith("kind:")], full)
     n_trainable = sum(p.numel() for ps in groups.values() for p in ps)
     n_head = sum(p.numel() for p in groups["head"])

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from s3pet import budget as B
 from s3pet.configs import CONTROLLERS, GATES  # one list, shared with SearchConfig
+from s3pet.deltas import KINDS
 from s3pet.inject import DeltaSet
 from s3pet.space import ModuleSpec
 
@@ -229,7 +230,8 @@ class Supernet(nn.Module):
 
 
 def kept_specs(specs: list[ModuleSpec], keep: Tensor, p: Tensor) -> list[tuple[ModuleSpec, float]]:
-    """Merge the kept units of every spec into one module of that many units (the derived rank)."""
+    """Merge the kept units of every spec into one module of that many units (the derived rank),
+    with the hyper-parameters its kind gives such a module (``DeltaKind.derived_params``)."""
     out = []
     for spec in specs:
         sl = slice(spec.offset, spec.offset + spec.units)
@@ -237,5 +239,6 @@ def kept_specs(specs: list[ModuleSpec], keep: Tensor, p: Tensor) -> list[tuple[M
         r = int(k.sum())
         if r:
             score = float(p[sl][k].mean())
-            out.append((ModuleSpec(spec.site, spec.kind, dict(spec.params), r), score))
+            params = KINDS[spec.kind].derived_params(spec.params, [bool(v) for v in k.tolist()])
+            out.append((ModuleSpec(spec.site, spec.kind, params, r), score))
     return out

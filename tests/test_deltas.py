@@ -20,13 +20,20 @@ from s3pet.space import ModuleSpec, instantiate, is_linear, linear_dims, load_sp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-KIND_NAMES = ("lora", "adapter", "lowrank_adapter", "bitfit", "lnfit", "ia3", "parallel_adapter", "adapterbias")
+KIND_NAMES = ("lora", "adapter", "lowrank_adapter", "bitfit", "lnfit", "ia3", "parallel_adapter", "adapterbias",
+              "kronecker", "sparse_lora", "sparse_adapter")
+# "sparse_adapter" is the adapter kind with density < 1 (SparseAdapter's large-sparse setting).
+KIND_OF = {"sparse_adapter": "adapter"}
 HOSTS = {"lora": {"linear"}, "ia3": {"linear"}, "bitfit": {"linear", "norm"}, "lnfit": {"norm"},
-         "adapter": {"block"}, "lowrank_adapter": {"block"}, "parallel_adapter": {"block"}, "adapterbias": {"block"}}
-# Hyper-parameters of the full-size module, and how many units a derived module keeps.
+         "adapter": {"block"}, "lowrank_adapter": {"block"}, "parallel_adapter": {"block"}, "adapterbias": {"block"},
+         "kronecker": {"linear"}, "sparse_lora": {"linear"}, "sparse_adapter": {"block"}}
+# Hyper-parameters of the full-size module, its units, and how many units a derived module keeps.
 FULL = {"lora": {"rank": 8, "alpha": 16}, "adapter": {"bottleneck": 6}, "lowrank_adapter": {},
-        "bitfit": {}, "lnfit": {}, "ia3": {}, "parallel_adapter": {"bottleneck": 5}, "adapterbias": {}}
-DERIVED = {"lora": 3, "adapter": 2, "parallel_adapter": 3}
+        "bitfit": {}, "lnfit": {}, "ia3": {}, "parallel_adapter": {"bottleneck": 5}, "adapterbias": {},
+        "kronecker": {"factor": 4, "rank": 2, "alpha": 4.0}, "sparse_lora": {"rank": 3, "sparse_units": 2, "alpha": 8.0},
+        "sparse_adapter": {"bottleneck": 12, "density": 0.1}}
+FULL_UNITS = {"lora": 8, "adapter": 6, "parallel_adapter": 5, "sparse_lora": 5, "sparse_adapter": 12}
+DERIVED = {"lora": 3, "adapter": 2, "parallel_adapter": 3, "sparse_lora": 4, "sparse_adapter": 5}
 MULTI_UNIT = tuple(DERIVED)
 CASES = [(k, a) for k in KIND_NAMES for a in TINY_ALIASES]
 IDS = [f"{k}-{a}" for k, a in CASES]
@@ -39,8 +46,15 @@ def n_built(module) -> int:
 def unit_formula(kind: str, site, params: dict) -> int:
     """Per-unit parameter count as the design states it, written out independently."""
     d_in, d_out = site.d_in, site.d_out
-    if kind == "lora":  # one row of A (d_in) and one column of B (d_out)
+    if kind in ("lora", "sparse_lora"):  # a row of A and a column of B; a chunk of d_in + d_out nonzeros
         return d_in + d_out
+    if kind == "kronecker":  # W1 (a x c) whole, W2 = (b x r)(r x d), shapes as peft's LoKr splits them
+        from peft.tuners.lokr.layer import factorization
+
+        (a, b), (c, d) = factorization(d_out, params["factor"]), factorization(d_in, params["factor"])
+        return a * c + params["rank"] * (b + d)
+    if kind == "sparse_adapter":  # the kept share of a unit's 2d + 1 elements, exactly
+        return max(1, round(params["density"] * (2 * d_out + 1)))
     if kind in ("adapter", "parallel_adapter"):  # a row of down, its bias, a column of up (no up bias)
         return 2 * d_out + 1
     if kind == "adapterbias":  # the shift vector v and the scalar map alpha
@@ -53,7 +67,7 @@ def unit_formula(kind: str, site, params: dict) -> int:
 
 def kind_specs(kind, sites, params=None):
     params = FULL[kind] if params is None else params
-    return instantiate(load_space({"entries": [{"kind": kind, "roles": ["*"], **params}]}), sites)
+    return instantiate(load_space({"entries": [{"kind": KIND_OF.get(kind, kind), "roles": ["*"], **params}]}), sites)
 
 
 def host_input(host, site, seed=0, batch=2, seq=5):
@@ -87,13 +101,14 @@ def close(a, b, tol=1e-5):
 # --------------------------------------------------------------------------- registry
 
 def test_registry_holds_every_kind_with_its_hosts():
-    assert set(KIND_NAMES) <= set(KINDS)
-    for name in KIND_NAMES:
+    names = [k for k in KIND_NAMES if k not in KIND_OF]
+    assert set(names) <= set(KINDS)
+    for name in names:
         assert KINDS[name].name == name
         assert set(KINDS[name].hosts) == HOSTS[name]
 
 
-@pytest.mark.parametrize("kind", KIND_NAMES)
+@pytest.mark.parametrize("kind", [k for k in KIND_NAMES if k not in KIND_OF])
 def test_check_params_fills_defaults_and_rejects_unknown(kind):
     k = KINDS[kind]
     assert k.check_params({}) == k.defaults
@@ -107,7 +122,7 @@ def test_check_params_fills_defaults_and_rejects_unknown(kind):
 def test_n_params_equals_built_parameters(kind, alias, tiny_sites):
     specs = kind_specs(kind, tiny_sites(alias))
     assert {s.site.host for s in specs} == HOSTS[kind]  # every family has linear, norm and block sites
-    impl = KINDS[kind]
+    impl = KINDS[KIND_OF.get(kind, kind)]
     for spec in specs:
         full = impl.build(spec.site, spec.params, spec.units)
         assert isinstance(full, Delta)
@@ -115,9 +130,9 @@ def test_n_params_equals_built_parameters(kind, alias, tiny_sites):
         assert spec.unit_params == unit_formula(kind, spec.site, spec.params)
         assert spec.n_params == spec.units * spec.unit_params
         if kind in MULTI_UNIT:
-            assert spec.units == FULL[kind].get("rank", FULL[kind].get("bottleneck"))
+            assert spec.units == FULL_UNITS[kind]
             r = DERIVED[kind]
-            small = ModuleSpec(spec.site, kind, dict(spec.params), r)
+            small = ModuleSpec(spec.site, spec.kind, dict(spec.params), r)
             built = impl.build(spec.site, spec.params, r)
             assert built.units == r
             assert n_built(built) == small.n_params == r * spec.unit_params
@@ -156,7 +171,7 @@ def attached(tiny_backbone, tiny_sites):
         for i, spec in enumerate(specs):
             host = model.get_submodule(spec.site.path)
             x = host_input(host, spec.site, seed=i)
-            if KINDS[kind].reads == "sublayer":
+            if KINDS[KIND_OF.get(kind, kind)].reads == "sublayer":
                 source = model.get_submodule(spec.site.source)
                 host = WithSource(host, source, host_input(source, spec.site, seed=100 + i))
             with torch.no_grad():

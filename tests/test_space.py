@@ -329,6 +329,7 @@ def test_unified_ranks_and_ia3_roles(alias, tiny_sites):
         got = at[(s.path, s.role)]
         if s.host == "linear":
             assert got["lora"] == 8 and got["bitfit"] == 1
+            assert got["kronecker"] == 1 and got["sparse_lora"] == 4 + 4  # 4 rank-1 components, 4 chunks
             assert ("ia3" in got) == (s.role in ("attn.k", "attn.v", "xattn.k", "xattn.v", "ffn.in", "ffn.gate"))
         elif s.host == "block":
             assert got == {"adapter": s.d_out // 16, "lowrank_adapter": 1, "parallel_adapter": s.d_out // 16,

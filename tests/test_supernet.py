@@ -144,7 +144,8 @@ def test_derive_respects_the_budget_and_merges_units(tiny_backbone, tiny_sites):
     assert len({s.key for s, _ in kept}) == len(kept)
     for spec, score in kept:
         src = full[spec.key]
-        assert 1 <= spec.units <= src.units and spec.site == src.site and spec.params == src.params
+        assert 1 <= spec.units <= src.units and spec.site == src.site and set(spec.params) == set(src.params)
+        assert spec.n_params == spec.units * src.unit_params  # a derived module's units cost what they did
         assert 0.0 <= score <= 1.0
     assert any(s.units > 1 for s, _ in kept)  # a multi-rank LoRA component set was merged
     # A larger budget keeps at least as many parameters.

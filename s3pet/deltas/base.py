@@ -12,6 +12,9 @@ it, so that no other module tests kind names and a new kind is one file in ``del
 - its construction (``build``) and forward: a built module (``Delta``) maps
   ``(x, y, gate) -> y'``: ``x`` its input, ``y`` the host's output so far, ``gate`` a vector
   with one value per unit (``None`` when the module is kept whole, as after derivation);
+  ``bind`` lets a module read its host once when attached (a sparse support chosen by the
+  pretrained weight's magnitude); ``derived_params`` the hyper-parameters of a module made of
+  some of its units (which units were kept matters when units differ in role);
 - its export: how it folds into the backbone's weights (``fold``; ``merge_refusal`` says why
   not), which part of a peft adapter carries it (``peft_part``, ``peft_rank``, ``peft_fill``;
   ``peft_refusal`` says why not);
@@ -142,6 +145,16 @@ class DeltaKind(ABC):
         """Exact parameters of a module with ``units`` units (the derived rank)."""
         return units * self.unit_params(site, params)
 
+    def derived_params(self, params: dict, kept: list[bool]) -> dict:
+        """Hyper-parameters of the module made of the ``kept`` units of a full one with
+        ``params`` (one flag per unit, in unit order). Units of one role (rank-1 components,
+        bottleneck units) are interchangeable, so by default only their number matters."""
+        return dict(params)
+
+    def bind(self, delta: Delta, host: nn.Module) -> None:
+        """Called when ``delta`` is attached to ``host`` (the backbone's module): a module that
+        depends on the frozen host (a support chosen by its weight) reads it here. No-op by default."""
+
     @abstractmethod
     def build(self, site: "Site", params: dict, units: int) -> Delta:
         """A freshly initialised module with ``units`` units."""
@@ -158,9 +171,20 @@ class DeltaKind(ABC):
 
     def peft_part(self, site: "Site") -> str:
         """Which part of a peft adapter carries this kind at ``site``: ``"lora"`` (a LoRA layer),
-        ``"lora_bias"`` (the bias of LoRA's B, peft's ``lora_bias``), ``"ia3"`` (an IA3 vector)
-        or ``"norm"`` (a trained copy of the norm, with ``fold`` applied to it)."""
+        ``"lora_bias"`` (the bias of LoRA's B, peft's ``lora_bias``), ``"ia3"`` (an IA3 vector),
+        ``"lokr"`` (a LoKr layer) or ``"norm"`` (a trained copy of the norm, with ``fold``
+        applied to it)."""
         raise NotImplementedError(f"kind '{self.name}' has no peft counterpart: {self.peft_refusal}")
+
+    def peft_problem(self, spec: "ModuleSpec") -> str | None:
+        """Why peft cannot carry this module (None: it can). The kind's ``peft_refusal`` unless a
+        kind can carry some of its modules and not others."""
+        return self.peft_refusal
+
+    def peft_fields(self, spec: "ModuleSpec") -> dict:
+        """Fields of the peft config that this module needs (e.g. LoKr's ``decompose_factor``);
+        the modules of one adapter must agree on them."""
+        return {}
 
     def peft_rank(self, spec: "ModuleSpec") -> tuple[int, float] | None:
         """(r, lora_alpha) of the LoRA layer this module needs at its site; None: it needs none."""
@@ -168,4 +192,5 @@ class DeltaKind(ABC):
 
     def peft_fill(self, delta: Delta, layer: nn.Module, adapter: str, scaling: float) -> None:
         """Copy ``delta``'s trained tensors into peft's wrapped ``layer`` (adapter name
-        ``adapter``, LoRA scaling ``scaling``) for the ``lora``, ``lora_bias`` and ``ia3`` parts."""
+        ``adapter``, LoRA/LoKr scaling ``scaling``) for the ``lora``, ``lora_bias``, ``ia3`` and
+        ``lokr`` parts."""

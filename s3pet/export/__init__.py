@@ -31,10 +31,18 @@ that ``PeftModel.from_pretrained(base, folder)`` loads, ``base`` being the backb
   s3pet does), ``ia3_l = 1 + scale``; only when nothing else in the structure needs LoRA
   (norm modules still go to ``modules_to_save``), since a peft adapter is one method.
 
+- ``kronecker`` on ``nn.Linear`` -> ``LoKrConfig`` (``decompose_factor`` = its factor,
+  ``decompose_both=False``, per-module ``rank_pattern`` / ``alpha_pattern``): ``lokr_w1`` and
+  ``lokr_w2_a`` / ``lokr_w2_b`` as they are (their product as ``lokr_w2`` where peft keeps W2
+  whole); only when nothing in the structure needs LoRA or IA3.
+- ``sparse_lora`` without sparse chunks -> a LoRA layer, as ``lora``.
+
 Not expressible in peft (StructureError naming kinds and sites, suggesting ``--merge`` when
 merging works): ``adapter``, ``lowrank_adapter`` and ``parallel_adapter`` (bottlenecks: no
-peft counterpart, no merge either); ``adapterbias`` (peft has none; it merges); ``ia3``
-together with ``lora`` or linear ``bitfit``; ``bitfit`` on a norm without a bias (RMSNorm).
+peft counterpart, no merge either); ``adapterbias`` (peft has none; it merges); ``ia3``,
+``kronecker`` and LoRA-carried kinds together (one method per adapter); ``kronecker`` on GPT-2's
+``Conv1D``; ``sparse_lora`` with sparse chunks (peft has no sparse residual); ``lora`` and
+``sparse_lora`` at one linear; ``bitfit`` on a norm without a bias (RMSNorm).
 
 merged (``merge`` / ``export_merged``): the deltas folded into the weights of a plain
 transformers model saved with ``save_pretrained`` (``AutoModel.from_pretrained`` loads it).
@@ -42,7 +50,8 @@ transformers model saved with ``save_pretrained`` (``AutoModel.from_pretrained``
 scaled by 1 + scale (before LoRA and BitFit add theirs, as in s3pet); ``bitfit``: into the
 bias, creating one on an ``nn.Linear`` / ``nn.LayerNorm`` without one; ``lnfit``: into the
 norm weight; ``adapterbias``: W += v (alpha^T W), b += v (alpha^T b), after the kinds of
-earlier stages at its host (the output projection). A created bias survives ``from_pretrained`` only if the config builds it: config
+earlier stages at its host (the output projection); ``kronecker``: W += (alpha/r) kron(W1, A B);
+``sparse_lora``: W += (alpha/r) B A + S. A created bias survives ``from_pretrained`` only if the config builds it: config
 switches such as LLaMA's ``attention_bias`` / ``mlp_bias`` are turned on (the other layers
 they cover get zero biases); where no switch exists (T5), ``export_merged`` raises
 StructureError instead of writing a model that would silently lose them. Bottleneck adapters

@@ -1,4 +1,4 @@
-"""peft mapping: how a structure becomes one peft adapter (LoRA, IA3 or LN tuning) on a
+"""peft mapping: how a structure becomes one peft adapter (LoRA, IA3, LoKr or LN tuning) on a
 backbone, and the copy of the trained deltas into the wrapped model."""
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ ADAPTER = "default"  # peft's adapter name
 class PeftPlan:
     """How a structure maps onto one peft adapter: the method and what goes where."""
 
-    method: str  # "lora" | "ia3" | "ln_tuning"
+    method: str  # "lora" | "ia3" | "lokr" | "ln_tuning"
     targets: list[str] = field(default_factory=list)  # module paths the method wraps
     save: list[str] = field(default_factory=list)  # norms saved whole with their deltas folded in
     lora_bias: bool = False  # BitFit rides on LoRA's B bias (peft's lora_bias)
     bias_only: list[str] = field(default_factory=list)  # BitFit sites without LoRA: a zero rank-1 LoRA carries it
+    fields: dict = field(default_factory=dict)  # config fields the modules ask for (DeltaKind.peft_fields)
     problems: list[str] = field(default_factory=list)
 
 
@@ -59,39 +60,53 @@ def plan_specs(specs: list[ModuleSpec], backbone: nn.Module) -> PeftPlan:
     sites: dict[str, dict[str, tuple[ModuleSpec, str | None]]] = {}
     for spec in specs:
         kind = KINDS[spec.kind]
-        sites.setdefault(spec.site.path, {})[spec.kind] = (spec, kind.peft_part(spec.site) if kind.peft_refusal is None
-                                                           else None)
+        sites.setdefault(spec.site.path, {})[spec.kind] = (spec, kind.peft_part(spec.site)
+                                                           if kind.peft_problem(spec) is None else None)
     parts = {part: sorted({k for by_kind in sites.values() for k, (_, p) in by_kind.items() if p == part})
-             for part in ("lora", "lora_bias", "ia3", "norm")}
-    lin_other = bool(parts["lora"] or parts["lora_bias"])
-    method = "ia3" if parts["ia3"] else "lora" if lin_other else "ln_tuning"
+             for part in ("lora", "lora_bias", "ia3", "lokr", "norm")}
+    # A peft adapter is one method: the linears' parts must all be one method's.
+    families = {"ia3": parts["ia3"], "lokr": parts["lokr"], "lora": parts["lora"] + parts["lora_bias"]}
+    present = [m for m in ("ia3", "lokr", "lora") if families[m]]
+    method = present[0] if present else "ln_tuning"
+    others = [k for m in present[1:] for k in families[m]]
     plan = PeftPlan(method)
     has_lora_bias = "lora_bias" in _lora_config_fields()
     bad: dict[str, list[str]] = {}
     for path, by_kind in sites.items():
         host = backbone.get_submodule(path)
+        ranked = [k for k, (s, p) in by_kind.items() if p is not None and KINDS[k].peft_rank(s)]
+        if len(ranked) > 1:
+            bad.setdefault(f"{'/'.join(sorted(ranked))} at one linear (a peft layer has one rank)", []).append(path)
         for kind, (spec, part) in by_kind.items():
             where = f"{path} ({spec.site.role})"
             if part is None:
-                bad.setdefault(f"{kind} ({KINDS[kind].peft_refusal})", []).append(where)
-            elif part == "ia3" and lin_other:
-                bad.setdefault(f"{'/'.join(parts['ia3'])} together with {'/'.join(parts['lora'] + parts['lora_bias'])} "
+                bad.setdefault(f"{kind} ({KINDS[kind].peft_problem(spec)})", []).append(where)
+            elif others and part in ("ia3", "lokr", "lora", "lora_bias") and kind in families[method]:
+                bad.setdefault(f"{'/'.join(families[method])} together with {'/'.join(others)} "
                                "on linears (a peft adapter is one method)", []).append(where)
+            elif part == "lokr" and not isinstance(host, nn.Linear):
+                bad.setdefault(f"{kind} on a {type(host).__name__} (peft's LoKr wraps nn.Linear only)",
+                               []).append(where)
             elif part == "lora_bias":
                 if not has_lora_bias:
                     bad.setdefault(f"{kind} on a linear (needs peft >= 0.14 for lora_bias)", []).append(where)
                 plan.lora_bias = True
-                if not any(KINDS[k].peft_rank(s) for k, (s, _) in by_kind.items() if KINDS[k].peft_refusal is None):
+                if not any(KINDS[k].peft_rank(s) for k, (s, p) in by_kind.items() if p is not None):
                     plan.bias_only.append(path)
             elif part == "norm" and KINDS[kind].adds_bias and getattr(host, "bias", None) is None:
                 bad.setdefault(f"{kind} on a norm without a bias", []).append(where)
+            if part is not None:
+                for key, value in KINDS[kind].peft_fields(spec).items():
+                    if plan.fields.setdefault(key, value) != value:
+                        bad.setdefault(f"{kind} with different {key} ({plan.fields[key]} and {value}; one per "
+                                       "peft adapter)", []).append(where)
         got = {p for _, p in by_kind.values()}
-        if got & {"lora", "ia3"} or path in plan.bias_only:
+        if got & {"lora", "ia3", "lokr"} or path in plan.bias_only:
             plan.targets.append(path)
         if "norm" in got:
             (plan.targets if method == "ln_tuning" else plan.save).append(path)
     plan.problems = [f"{what}: {some(where)}" for what, where in bad.items()]
-    if method == "ia3":
+    if method != "lora":
         plan.lora_bias, plan.bias_only = False, []
     return plan
 
@@ -133,9 +148,15 @@ def peft_config(plan: PeftPlan, specs: list[ModuleSpec], root: nn.Module, prefix
         return peft.IA3Config(target_modules=targets, feedforward_modules=[], modules_to_save=save, **common)
     ranks, alphas = {}, {}
     for s in specs:
-        ra = KINDS[s.kind].peft_rank(s) if KINDS[s.kind].peft_refusal is None else None
+        ra = KINDS[s.kind].peft_rank(s) if KINDS[s.kind].peft_problem(s) is None else None
         if ra:
             ranks[re.escape(prefix + s.site.path)], alphas[re.escape(prefix + s.site.path)] = ra
+    if plan.method == "lokr":  # peft's alpha / r is s3pet's scaling; no dropout, W1 kept whole
+        common.pop("fan_in_fan_out", None)
+        return peft.LoKrConfig(target_modules=targets, r=max(ranks.values(), default=1),
+                               alpha=max(alphas.values(), default=1.0), rank_pattern=ranks, alpha_pattern=alphas,
+                               rank_dropout=0.0, module_dropout=0.0, decompose_both=False,
+                               modules_to_save=save, **plan.fields, **common)
     for path in plan.bias_only:  # zero rank-1 LoRA, scaling 1: it adds exactly its B bias
         ranks[re.escape(prefix + path)], alphas[re.escape(prefix + path)] = 1, 1.0
     extra = {"lora_bias": True} if plan.lora_bias else {}

@@ -27,7 +27,7 @@ def exportable_specs(specs: list[ModuleSpec], backbone: nn.Module) -> tuple[list
     merged = mergeable(specs, backbone)
     peft = []
     if importlib.util.find_spec("peft") is not None:  # an optional extra: without it, only merging writes
-        peft = [s for s in specs if KINDS[s.kind].peft_refusal is None and not plan_specs([s], backbone).problems]
+        peft = [s for s in specs if KINDS[s.kind].peft_problem(s) is None and not plan_specs([s], backbone).problems]
         if peft and plan_specs(peft, backbone).problems:  # e.g. IA3 beside LoRA: no single peft adapter
             peft = []
     if len(merged) == len(specs) and len(peft) == len(specs):
