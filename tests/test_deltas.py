@@ -16,7 +16,8 @@ from s3pet.deltas import KINDS, Delta
 from s3pet.errors import ConfigError
 from s3pet.inject import DeltaSet
 from s3pet.models import TINY_ALIASES
-from s3pet.space import ModuleSpec, instantiate, is_linear, linear_dims, load_space
+from s3pet.space import (ModuleSpec, instantiate, is_linear, linear_dims, load_space, shared_params, shared_tensors,
+                         total_params)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -333,7 +334,9 @@ def test_deltaset_assigns_contiguous_gate_slices(tiny_sites):
     assert offsets[0] == 0
     assert all(b.offset == a.offset + a.units for a, b in zip(ds.specs, ds.specs[1:]))
     assert ds.n_units == sum(s.units for s in specs)
-    assert n_built(ds) == sum(s.n_params for s in specs)
+    # Every module's own parameters, plus each shared tensor (Compacter, FacT) once.
+    assert shared_params(specs) > 0
+    assert n_built(ds) == total_params(specs) == sum(s.n_params for s in specs) + shared_params(specs)
     assert all(ds.delta(s) is ds.delta(s.key) for s in specs)
 
 
