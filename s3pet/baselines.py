@@ -30,7 +30,7 @@ from torch import nn
 from s3pet import budget as B
 from s3pet import structure as S
 from s3pet.errors import BudgetError, ConfigError
-from s3pet.space import ModuleSpec, Site, discover_sites, instantiate, load_space
+from s3pet.space import ModuleSpec, Site, discover_sites, instantiate, load_space, shared_needs, total_params
 from s3pet.deltas import KINDS
 from s3pet.supernet import kept_specs
 
@@ -43,7 +43,7 @@ def _spec(site: Site, kind: str, units: int, **params) -> ModuleSpec:
 
 
 def _total(specs) -> int:
-    return sum(s.n_params for s in specs)
+    return total_params(specs)
 
 
 def _top_first(sites: list[Site]) -> list[Site]:
@@ -147,7 +147,8 @@ def random_specs(sites: list[Site], budget: int, space: str = "s3pet-m", seed: i
     n = torch.tensor([sp.unit_params for sp in specs for _ in range(sp.units)], dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
     p = torch.rand(off, generator=g, dtype=torch.float64)
-    keep = B.derive(p, n, budget)
+    needs, costs = shared_needs(specs)
+    keep = B.derive(p, n, budget, needs=needs, shared=costs)
     return kept_specs(specs, keep, p)
 
 

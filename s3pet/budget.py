@@ -418,18 +418,22 @@ def alpha_from_scores(score: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 # --- deriving ------------------------------------------------------------------------------
 
 
-def derive(p: torch.Tensor, n, budget: float, alpha: torch.Tensor | None = None
-           ) -> torch.Tensor:
+def derive(p: torch.Tensor, n, budget: float, alpha: torch.Tensor | None = None,
+           needs: Sequence[Sequence[int]] | None = None, shared: Sequence[int] | None = None) -> torch.Tensor:
     """Knapsack-greedy structure: keep candidates in order of p while they fit in B.
 
     Order: p descending, ties by alpha descending, then by lower index. A candidate that does
-    not fit is skipped and smaller ones are still tried.
+    not fit is skipped and smaller ones are still tried. Shared tensors are paid once: a
+    candidate costs its own n plus the shared tensors it needs that no kept candidate needed
+    before it, so the kept total counts each of them once, and not at all when none is kept.
 
     Args:
         p: gate scores, shape (N,).
         n: parameter count per candidate, shape (N,).
         budget: the budget B in parameters.
         alpha: optional logits for breaking ties in p.
+        needs: per candidate, the indices of the shared tensors it needs (None: none share).
+        shared: the parameter count of each shared tensor.
     Returns:
         Bool keep-mask of shape (N,) on p's device; the kept total is <= B.
     Raises:
@@ -442,6 +446,8 @@ def derive(p: torch.Tensor, n, budget: float, alpha: torch.Tensor | None = None
         raise BudgetError(f"{scores.numel()} scores but {len(counts)} parameter counts")
     if torch.isnan(scores).any():
         raise BudgetError("gate scores contain NaN; the search diverged")
+    if needs is not None and (len(needs) != len(counts) or shared is None):
+        raise BudgetError(f"{len(needs)} shared-tensor needs for {len(counts)} candidates (and costs: {shared is not None})")
     # 1. Stable sorts from the least to the most significant key give the full tie order.
     order = torch.arange(len(counts))
     if alpha is not None:
@@ -451,10 +457,14 @@ def derive(p: torch.Tensor, n, budget: float, alpha: torch.Tensor | None = None
     # 2. Greedy fill; stop early once nothing left could fit.
     keep = [False] * len(counts)
     total, smallest = 0, min(counts)
+    paid: set[int] = set()
     for i in order.tolist():
-        if total + counts[i] <= budget:
+        extra = [j for j in needs[i] if j not in paid] if needs is not None else []
+        cost = counts[i] + sum(shared[j] for j in extra)
+        if total + cost <= budget:
             keep[i] = True
-            total += counts[i]
+            total += cost
+            paid.update(extra)
             if budget - total < smallest:
                 break
     return torch.tensor(keep, dtype=torch.bool, device=p.device)

@@ -59,7 +59,10 @@ def cmd_space(args, cfg=None) -> int:
 
 
 def space_report(specs, backbone_params: int, model: str, space: str) -> dict:
-    """Candidates of a space on a model, with totals per kind and per layer."""
+    """Candidates of a space on a model, with totals per kind and per layer; ``shared`` (when
+    any) lists the tensors modules share, each counted once in the totals."""
+    from s3pet.structure import shared_records
+
     rows, per_kind, per_layer = [], {}, {}
     for s in specs:
         n = s.n_params
@@ -70,10 +73,13 @@ def space_report(specs, backbone_params: int, model: str, space: str) -> dict:
         k["candidates"] += s.units
         k["params"] += n
         per_layer[(s.site.stack, s.site.layer)] = per_layer.get((s.site.stack, s.site.layer), 0) + n
-    total = sum(r["n_params"] for r in rows)
+    shared = shared_records(specs)
+    for t in shared:  # paid once, whichever of its kind's modules a structure keeps
+        per_kind[t["kind"]]["params"] += t["n_params"]
+    total = sum(r["n_params"] for r in rows) + sum(t["n_params"] for t in shared)
     per_layer = {f"{st}.{layer}": v for (st, layer), v in sorted(per_layer.items())}  # -1: before the blocks
     return {"model": model, "space": space, "backbone_params": backbone_params, "modules": rows,
-            "per_kind": per_kind, "per_layer": per_layer, "total_params": total,
+            **({"shared": shared} if shared else {}), "per_kind": per_kind, "per_layer": per_layer, "total_params": total,
             "candidates": sum(r["units"] for r in rows), "share_of_backbone": total / backbone_params}
 
 
@@ -85,6 +91,10 @@ def format_space_report(r: dict) -> str:
     for m in r["modules"]:
         lines.append(f"{m['site'][-58:]:58} {m['stack']:7} {m['layer']:>5} {m['role']:11} {m['kind']:{kw}} "
                      f"{m['units']:>5} {m['unit_params']:>7,} {m['n_params']:>9,}")
+    if r.get("shared"):
+        lines += ["", "shared (each paid once by a structure keeping any module that uses it):"]
+        lines += [f"  {t['name']:40} {t['kind']:{kw}} {'x'.join(map(str, t['shape'])):>12} {t['n_params']:>9,}"
+                  for t in r["shared"]]
     lines += ["", "per kind:"]
     for k, v in sorted(r["per_kind"].items()):
         lines.append(f"  {k:{kw}} {v['modules']:>5} modules {v['candidates']:>6} candidates {v['params']:>11,} params")

@@ -9,6 +9,12 @@ modules attached there (scale, then parallel, then sequential). A kind that rewe
 input (a parallel adapter) gets it from a pre-hook on the sublayer's first projection
 (``Site.source``), which runs before the host, in the same forward.
 
+Shared tensors (Compacter's slow weights, FacT's factors) live once in ``DeltaSet.shared``, a
+``ParameterDict`` created from the kinds' ``shared`` and ``init_shared`` (so ``state_dict`` and
+``delta.safetensors`` hold each of them once, as ``shared.<name>``); each module using them gets
+them in its call as ``shared={name: tensor}``, read at call time (a functional call that swaps
+the parameters reaches them).
+
 Gates: a ``DeltaSet`` built with ``gated=True`` reads one gate vector ``self.z`` (one value
 per unit, over all modules, set by the supernet once per step) and hands each module its
 slice; with ``gated=False`` modules run whole.
@@ -36,11 +42,20 @@ class DeltaSet(nn.Module):
         self.gated = gated
         self.deltas = nn.ModuleDict()
         self.z: Tensor | None = None
+        self.shared = nn.ParameterDict()
+        self._shared_names: dict[str, tuple[str, ...]] = {}  # per module key, computed once (hooks read it)
         off = 0
         for spec in self.specs:
             spec.offset = off
             off += spec.units
             self.deltas[_safe(spec.key)] = KINDS[spec.kind].build(spec.site, spec.params, spec.units)
+            self._shared_names[spec.key] = tuple(spec.shared)
+            for name, shape in spec.shared.items():
+                if name not in self.shared:
+                    self.shared[name] = nn.Parameter(KINDS[spec.kind].init_shared(name, tuple(shape)))
+                elif tuple(self.shared[name].shape) != tuple(shape):
+                    raise ValueError(f"shared tensor {name} has shape {tuple(self.shared[name].shape)}, "
+                                     f"but {spec.kind} at {spec.site.path} needs {tuple(shape)}")
         self.n_units = off
         self._handles: list = []
         self._by_host: dict[str, list[tuple[ModuleSpec, Delta]]] = {}
@@ -53,6 +68,26 @@ class DeltaSet(nn.Module):
     def delta(self, spec_or_key) -> Delta:
         key = spec_or_key.key if isinstance(spec_or_key, ModuleSpec) else spec_or_key
         return self.deltas[_safe(key)]
+
+    def shared_kwargs(self, spec: ModuleSpec) -> dict:
+        """``{"shared": {name: tensor}}`` for a module whose kind shares tensors, else ``{}``: the
+        extra keyword its forward and its kind's ``fold`` take."""
+        names = self._shared_names[spec.key]
+        return {"shared": {n: self.shared[n] for n in names}} if names else {}
+
+    def kind_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """{kind: its trainable tensors}: every module's, and each shared tensor once, under the
+        kind of its first user (one optimiser group per kind)."""
+        out: dict[str, list[nn.Parameter]] = {}
+        seen: set[str] = set()
+        for spec in self.specs:
+            ps = out.setdefault(spec.kind, [])
+            ps.extend(self.delta(spec).parameters())
+            for n in spec.shared:
+                if n not in seen:
+                    seen.add(n)
+                    ps.append(self.shared[n])
+        return out
 
     def attach(self, backbone: nn.Module) -> "DeltaSet":
         """Register the hooks on ``backbone`` (idempotent: re-attaching detaches first)."""
@@ -102,7 +137,7 @@ class DeltaSet(nn.Module):
                 if sub and spec.site.source not in self._seen:
                     raise RuntimeError(f"{spec.kind} at {spec.site.path} reads the input of {spec.site.source}, "
                                        "which did not run before it in this forward")
-                y = d(self._seen[spec.site.source] if sub else x, y, gate=self._gate(spec))
+                y = d(self._seen[spec.site.source] if sub else x, y, gate=self._gate(spec), **self.shared_kwargs(spec))
             for path in sources:  # used: do not keep the activation alive past this forward
                 self._seen.pop(path, None)
             return y

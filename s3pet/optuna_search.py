@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -55,7 +56,7 @@ from s3pet import structure as S
 from s3pet.configs import GRANULARITIES, OBJECTIVES, PRUNERS  # noqa: F401 (OptunaConfig's choices)
 from s3pet.errors import ConfigError, S3petError
 from s3pet.io import atomic_write_bytes, write_json
-from s3pet.space import ModuleSpec, stack_depths
+from s3pet.space import ModuleSpec, stack_depths, total_params
 from s3pet.train import TrainConfig, resolve_device
 
 log = logging.getLogger(__name__)
@@ -152,18 +153,24 @@ def realize(specs: Sequence[ModuleSpec], units: Sequence[int], budget: int, orde
 
     Returns (kept modules in module order, requested parameters, whether it was repaired).
     A request that fits is kept as is; otherwise modules are visited in ``order`` and each
-    keeps as many of its requested units as still fit.
+    keeps as many of its requested units as still fit, the first module needing a shared tensor
+    paying for it.
     """
     req = [min(int(u), sp.units) for u, sp in zip(units, specs)]
-    requested = sum(sp.unit_params * u for sp, u in zip(specs, req))
+    requested = total_params([ModuleSpec(sp.site, sp.kind, sp.params, u) for sp, u in zip(specs, req) if u])
     keep = list(req)
     repaired = requested > budget
     if repaired:
-        used = 0
+        used, paid = 0, set()
         for i in order:
             c = specs[i].unit_params
-            keep[i] = min(req[i], (budget - used) // c) if req[i] else 0
-            used += keep[i] * c
+            new = {n: s for n, s in specs[i].shared.items() if n not in paid}
+            extra = sum(math.prod(s) for s in new.values())
+            room = budget - used - extra
+            keep[i] = min(req[i], room // c) if req[i] and room >= c else 0
+            if keep[i]:
+                used += keep[i] * c + extra
+                paid.update(new)
     kept = [ModuleSpec(sp.site, sp.kind, dict(sp.params), k) for sp, k in zip(specs, keep) if k > 0]
     return kept, requested, repaired
 
@@ -406,7 +413,7 @@ def _search(model, task, space, budget, out, trials, storage, study_name, object
     gran = resolve_granularity(len(specs), granularity)
     decs = decisions(specs, gran, layer_groups)
     order = repair_order(len(specs), seed)
-    total_space = sum(sp.n_params for sp in specs)
+    total_space = total_params(specs)
     if b >= total_space:
         log.warning("budget %d >= the whole space (%d params): no request is ever over budget", b, total_space)
     study_name = study_name or _slug(f"s3pet-{model}-{card.name}-{space_obj.name}-{b}-{objective}")

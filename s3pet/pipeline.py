@@ -8,6 +8,7 @@ version), ``history.jsonl``, ``metrics.json`` and the stage's artefacts (``struc
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import time
 from dataclasses import asdict, replace
@@ -22,12 +23,12 @@ from s3pet import data as D
 from s3pet import rundir
 from s3pet import structure as S
 from s3pet.configs import RunConfig
-from s3pet.errors import ConfigError, StructureError
+from s3pet.errors import BudgetError, ConfigError, StructureError
 from s3pet.heads import TaskModel
 from s3pet.io import read_json, write_json
 from s3pet.models import count_params, load_backbone, load_tokenizer
 from s3pet.search import SearchConfig, SearchModel, run_search, write_alphas_csv
-from s3pet.space import discover_sites, instantiate, load_space
+from s3pet.space import discover_sites, instantiate, load_space, shared_params, shared_tensors, total_params
 from s3pet.supernet import Supernet
 from s3pet.tasks import load_task
 from s3pet.train import TrainConfig, encode_task, evaluate, fit, learning_rates, resolve_device
@@ -122,7 +123,28 @@ def space_on_model(model: str, space: str, budget: str | int, seed: int = 0, exp
         specs = kept
     bb = count_params(backbone)
     b = B.parse_budget(budget, bb)
-    return SpaceOnModel(backbone, space_obj, specs, b, B.budget_record(b, bb))
+    return SpaceOnModel(backbone, space_obj, affordable(specs, b), b, B.budget_record(b, bb))
+
+
+def affordable(specs: list, budget: int) -> list:
+    """``specs`` without the kinds whose shared tensors leave no room for a candidate.
+
+    The search sets the shared tensors of the whole space aside from the budget (``Supernet``);
+    when that leaves less than the smallest candidate, the kind sharing the most is dropped
+    (logged), and so on, rather than refusing a budget the other kinds could use."""
+    while shared_params(specs) and budget - shared_params(specs) < min(s.unit_params for s in specs):
+        cost: dict[str, int] = {}
+        for kind, shape in shared_tensors(specs).values():
+            cost[kind] = cost.get(kind, 0) + math.prod(shape)
+        worst = max(cost, key=lambda k: (cost[k], k))
+        rest = [s for s in specs if s.kind != worst]
+        log.warning("budget %d cannot hold the %d shared parameters of %s beside the rest of the space: "
+                    "%s is not searched", budget, cost[worst], worst, worst)
+        if not rest:
+            raise BudgetError(f"budget of {budget} parameters cannot hold the shared tensors of {worst} "
+                              f"({cost[worst]} parameters) and one candidate")
+        specs = rest
+    return specs
 
 
 def search(model: str, task: str, space: str, budget: str | int, out: str | Path, cfg: SearchConfig | None = None,
@@ -144,7 +166,7 @@ def search(model: str, task: str, space: str, budget: str | int, out: str | Path
     # task or data file leaves no trace in --out.
     backbone, space_obj, specs, b, brec = space_on_model(model, space, budget, cfg.seed, cfg.exportable)
     check_max_length(backbone, cfg.max_length)
-    total_space = sum(s.n_params for s in specs)
+    total_space = total_params(specs)
     config = {"command": "search", "model": model, "task": task, "space": space, "space_spec": space_obj.to_dict(),
               "budget": brec, "budget_arg": str(budget), "space_params": total_space, "data_dir": data_dir,
               "search": asdict(cfg), "versions": versions()}
@@ -298,13 +320,16 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
     deltaset = None
     if structure is not None:
         deltaset = S.apply(structure, backbone)
+        if cfg.dp and len(deltaset.shared):
+            raise ConfigError(f"--dp does not support shared tensors ({', '.join(sorted({t['kind'] for t in structure.shared}))}"
+                              "): every module uses them, and per-example gradients are taken module by module")
     tm = TaskModel(backbone, td.card, tok, pooling=cfg.pooling)
     groups = {"head": tm.head_parameters()}
     if full:
         groups["backbone"] = [p for p in backbone.parameters()]
     else:
-        for spec in deltaset.specs:  # one group per kind: each trains at its own rate
-            groups.setdefault(f"kind:{spec.kind}", []).extend(deltaset.delta(spec).parameters())
+        for kind, ps in deltaset.kind_parameters().items():  # one group per kind: each trains at its own rate
+            groups[f"kind:{kind}"] = ps
         deltaset.to(device)
     if deltaset is not None:
         prune_at_start(tm, deltaset, enc, cfg, device)

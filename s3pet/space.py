@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -412,8 +413,48 @@ class ModuleSpec:
         return KINDS[self.kind].param_count(self.site, self.params, self.units)
 
     @property
+    def shared(self) -> dict[str, tuple[int, ...]]:
+        """The tensors this module shares with others of its kind: {name: shape}."""
+        return KINDS[self.kind].shared(self.site, self.params)
+
+    @property
     def key(self) -> str:
         return f"{self.site.path}:{self.kind}"
+
+
+# Shared tensors (Compacter's slow weights, FacT's factors) are paid once per structure however
+# many modules use them: these are the one place that counts them.
+
+def shared_tensors(specs: list[ModuleSpec]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (kind, shape)} of every tensor the modules of ``specs`` share, in first-use order."""
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for spec in specs:
+        for name, shape in spec.shared.items():
+            out.setdefault(name, (spec.kind, tuple(int(x) for x in shape)))
+    return out
+
+
+def shared_params(specs: list[ModuleSpec]) -> int:
+    """Parameters of the shared tensors of ``specs``, each counted once."""
+    return sum(math.prod(shape) for _, shape in shared_tensors(specs).values())
+
+
+def total_params(specs: list[ModuleSpec]) -> int:
+    """Exact trainable parameters of ``specs`` as built: every module plus each shared tensor once."""
+    return sum(s.n_params for s in specs) + shared_params(specs)
+
+
+def shared_needs(specs: list[ModuleSpec]) -> tuple[list[list[int]], list[int]]:
+    """For ``budget.derive``: (per unit of ``specs``, in gate order, the indices of the shared
+    tensors it needs; the parameters of each shared tensor)."""
+    names = list(shared_tensors(specs))
+    index = {n: i for i, n in enumerate(names)}
+    shapes = shared_tensors(specs)
+    needs = []
+    for spec in specs:
+        ids = [index[n] for n in spec.shared]
+        needs += [ids] * spec.units
+    return needs, [math.prod(shapes[n][1]) for n in names]
 
 
 

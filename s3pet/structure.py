@@ -2,8 +2,10 @@
 
 ``{"schema", "base_model": {name_or_path, model_type, layers, stacks, n_params}, "space",
 "budget": {params, fraction}, "n_params", "modules": [{site, stack, layer, role, kind, rank,
-n_params, score, params}], "provenance": {...}}``. ``params`` holds the kind's
-hyper-parameters (e.g. LoRA alpha, adapter activation) so the module can be rebuilt exactly.
+n_params, score, params}], "shared": [{name, kind, shape, n_params}], "provenance": {...}}``.
+``params`` holds the kind's hyper-parameters (e.g. LoRA alpha, adapter activation) so the
+module can be rebuilt exactly. ``shared`` (present only when the modules share tensors, e.g.
+Compacter's slow weights) lists each shared tensor once; ``n_params`` counts them once.
 
 Validated on load (schema, fields, kinds, sums, budget) and again against a model when
 applied (site present with the right role and size, parameter counts that match).
@@ -27,10 +29,11 @@ from s3pet.errors import S3petError, StructureError
 from s3pet.inject import DeltaSet
 from s3pet.io import write_json
 from s3pet.models import count_params, model_name
-from s3pet.space import ROLES, ModuleSpec, discover_sites, stack_depths
+from s3pet.space import ROLES, ModuleSpec, discover_sites, shared_tensors, stack_depths
 
 SCHEMA = "s3pet.structure/v1"
 MAX_LAYERS = 10_000  # far deeper than any model; a plot draws a row per layer
+MAX_SHARED_DIM = 1 << 20  # wider than any layer; bounds what a shared tensor can allocate
 _MODULE_FIELDS = ("site", "stack", "layer", "role", "kind", "rank", "n_params")
 
 
@@ -43,14 +46,18 @@ class Structure:
     budget: dict
     modules: list[dict]
     provenance: dict = field(default_factory=dict)
+    shared: list[dict] = field(default_factory=list)  # tensors shared by several modules, each once
 
     @property
     def n_params(self) -> int:
-        return sum(m["n_params"] for m in self.modules)
+        return sum(m["n_params"] for m in self.modules) + sum(t["n_params"] for t in self.shared)
 
     def to_dict(self) -> dict:
-        return {"schema": SCHEMA, "base_model": self.base_model, "space": self.space, "budget": self.budget,
-                "n_params": self.n_params, "modules": self.modules, "provenance": self.provenance}
+        d = {"schema": SCHEMA, "base_model": self.base_model, "space": self.space, "budget": self.budget,
+             "n_params": self.n_params, "modules": self.modules}
+        if self.shared:
+            d["shared"] = self.shared
+        return {**d, "provenance": self.provenance}
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict())
@@ -62,6 +69,8 @@ class Structure:
             d["modules"] += 1
             d["params"] += int(m["n_params"])
             d["rank"] += int(m["rank"])
+        for t in self.shared:  # paid once, by the kind that shares it
+            out[t["kind"]]["params"] += int(t["n_params"])
         return out
 
     def summary(self) -> str:
@@ -90,7 +99,14 @@ def from_specs(kept: list[tuple[ModuleSpec, float]], backbone: nn.Module, space:
                         "rank": spec.units, "n_params": spec.n_params, "score": None if score is None else round(float(score), 6),
                         "params": spec.params})
     prov = {"s3pet_version": s3pet.__version__, **(provenance or {})}
-    return Structure(base_model_record(backbone), space, dict(budget), modules, prov)
+    return Structure(base_model_record(backbone), space, dict(budget), modules, prov,
+                     shared_records([spec for spec, _ in kept]))
+
+
+def shared_records(specs: list[ModuleSpec]) -> list[dict]:
+    """The ``shared`` entries of a structure of ``specs``: each shared tensor once."""
+    return [{"name": name, "kind": kind, "shape": list(shape), "n_params": math.prod(shape)}
+            for name, (kind, shape) in shared_tensors(specs).items()]
 
 
 def _is_int(v) -> bool:
@@ -196,14 +212,35 @@ def from_dict(raw: Any, source: str = "<dict>") -> Structure:
         seen.add(key)
         m.setdefault("params", {})
         m.setdefault("score", None)
-    total = sum(m["n_params"] for m in raw["modules"])
+    shared = raw.get("shared", [])
+    _need(isinstance(shared, list), f"{where}: shared", "must be a list", shared)
+    names = set()
+    for i, t in enumerate(shared):
+        _check_shared(t, f"{where}: shared[{i}]")
+        _need(t["name"] not in names, f"{where}: shared[{i}].name", "is listed twice", t["name"])
+        names.add(t["name"])
+    total = sum(m["n_params"] for m in raw["modules"]) + sum(t["n_params"] for t in shared)
     if "n_params" in raw:
         _need(_is_int(raw["n_params"]), f"{where}: n_params", "must be an integer", raw["n_params"])
         if raw["n_params"] != total:
             raise StructureError(f"{where}: n_params is {raw['n_params']} but the modules add up to {total}")
     if cap is not None and total > cap:
         raise StructureError(f"{where}: modules use {total} parameters, over the budget of {cap}")
-    return Structure(raw["base_model"], raw.get("space", ""), budget, raw["modules"], raw.get("provenance", {}))
+    return Structure(raw["base_model"], raw.get("space", ""), budget, raw["modules"], raw.get("provenance", {}),
+                     shared)
+
+
+def _check_shared(t: Any, at: str) -> None:
+    _need(isinstance(t, dict) and set(t) == {"name", "kind", "shape", "n_params"}, at,
+          "must be an object with exactly name, kind, shape and n_params", t)
+    _need(isinstance(t["name"], str) and t["name"], f"{at}.name", "must be a non-empty string", t["name"])
+    _need(isinstance(t["kind"], str) and t["kind"] in KINDS, f"{at}.kind", "must be a known kind", t["kind"])
+    shape = t["shape"]
+    _need(isinstance(shape, list) and 1 <= len(shape) <= 4 and all(_is_int(x) and 1 <= x <= MAX_SHARED_DIM
+                                                                   for x in shape),
+          f"{at}.shape", f"must be a list of 1 to 4 integers in [1, {MAX_SHARED_DIM}]", shape)
+    _need(_is_int(t["n_params"]) and t["n_params"] == math.prod(shape), f"{at}.n_params",
+          f"must be the product of the shape ({math.prod(shape)})", t["n_params"])
 
 
 def load(path: str | Path) -> Structure:
@@ -248,6 +285,12 @@ def to_specs(structure: Structure, backbone: nn.Module) -> list[ModuleSpec]:
             raise StructureError(f"{at}: n_params is {m['n_params']} but a rank-{m['rank']} {m['kind']} "
                                  f"there has {spec.n_params} in this model")
         specs.append(spec)
+    want = shared_records(specs)
+    if sorted(want, key=lambda t: t["name"]) != sorted(structure.shared, key=lambda t: t["name"]):
+        listed = ", ".join(f"{t['name']}{tuple(t['shape'])}" for t in structure.shared) or "none"
+        needed = ", ".join(f"{t['name']}{tuple(t['shape'])}" for t in want) or "none"
+        raise StructureError(f"shared tensors listed ({listed}) are not those its modules share in this model "
+                             f"({needed})")
     return specs
 
 

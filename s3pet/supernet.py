@@ -11,6 +11,11 @@ Controllers (how gate probabilities are formed):
 - ``none``: plain sigmoid(alpha / beta), no budget pressure (ablation).
 - ``l0``: plain sigmoid plus a penalty on expected parameters over the budget (ablation).
 
+Shared tensors (Compacter's slow weights, FacT's factors) are paid once, not per unit: their
+parameters over the whole space (``reserved``) are set aside from the budget the gates are held
+to (``unit_budget``), and the derivation charges each of them when the first unit needing it is
+kept, within the full budget (so a structure keeping none of them gets their share back).
+
 The supernet is the one place that turns logits into gates: it holds beta, the concrete
 temperature and the gate kind, solves the shift once per change of alpha (cached against the
 logits' version counter, so the several passes of one step reuse one solve), and installs
@@ -24,6 +29,8 @@ Gate kinds for training steps (``gates``):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -31,7 +38,8 @@ from s3pet import budget as B
 from s3pet.configs import CONTROLLERS, GATES  # one list, shared with SearchConfig
 from s3pet.deltas import KINDS
 from s3pet.inject import DeltaSet
-from s3pet.space import ModuleSpec
+from s3pet.errors import BudgetError
+from s3pet.space import ModuleSpec, shared_needs, shared_params, shared_tensors
 
 
 class Supernet(nn.Module):
@@ -60,11 +68,17 @@ class Supernet(nn.Module):
         self.register_buffer("group", group)
         self.register_buffer("shift", torch.zeros((), dtype=torch.float64))
         self.budget = int(budget)
+        self.reserved = shared_params(self.deltaset.specs)  # paid once, set aside from what the gates share
+        self.unit_budget = self.budget - self.reserved
+        if self.reserved and self.unit_budget < float(n.min()):
+            raise BudgetError(f"budget of {self.budget} parameters cannot hold the shared tensors of the space "
+                              f"({self.reserved} parameters) and one candidate; raise it or drop those kinds")
+        self._needs = shared_needs(self.deltaset.specs) if self.reserved else (None, None)
         self.beta, self.temperature, self.hard, self.gates = beta, temperature, hard, gates
         self._shift_key = None  # (alpha version, beta) the cached shift was solved for
         self.controller, self.shift_iters, self.l0_weight = controller, shift_iters, l0_weight
         self.solver = B.solve_shift  # the search swaps in a compiled copy when it compiles
-        self.fits_all = B.budget_fits_all(self.n, self.budget)
+        self.fits_all = B.budget_fits_all(self.n, self.unit_budget)
         if controller == "shift" and not self.fits_all:
             self._solve(warm=False)  # raises BudgetError early if the budget is infeasible
 
@@ -101,7 +115,7 @@ class Supernet(nn.Module):
 
     def _solve(self, warm: bool = True) -> Tensor:
         with torch.no_grad():
-            s = self.solver(self.alpha.detach(), self.n, self.budget, beta=self.beta,
+            s = self.solver(self.alpha.detach(), self.n, self.unit_budget, beta=self.beta,
                             init=self.shift if warm else None, iters=self.shift_iters)
             self.shift.copy_(s)
         self._shift_key = (self.alpha._version, self.beta)
@@ -174,7 +188,7 @@ class Supernet(nn.Module):
         """Extra loss for the ``l0`` controller: expected parameters over the budget, relative."""
         if self.controller != "l0":
             return p.new_zeros(())
-        over = B.expected_params(p.double(), self.n) / self.budget - 1.0
+        over = B.expected_params(p.double(), self.n) / self.unit_budget - 1.0
         return self.l0_weight * torch.relu(over).to(p.dtype)
 
     def stats(self, p: Tensor) -> dict:
@@ -191,12 +205,13 @@ class Supernet(nn.Module):
         derivation's threshold). With the shift controller sum_i n_i p_i always equals the
         budget, so these, not the expected size, show how the search moves."""
         p = p.detach().double().cpu()
-        keep = B.derive(p, self.n.cpu(), self.budget, alpha=self.alpha.detach().double().cpu())
+        keep = self._derive(p, self.budget)
         by_kind: dict[str, int] = {}
-        for spec in self.specs:
-            r = int(keep[spec.offset:spec.offset + spec.units].sum())
-            if r:
-                by_kind[spec.kind] = by_kind.get(spec.kind, 0) + r * spec.unit_params
+        kept = [spec for spec, _ in kept_specs(self.specs, keep, p)]
+        for spec in kept:
+            by_kind[spec.kind] = by_kind.get(spec.kind, 0) + spec.n_params
+        for kind, shape in shared_tensors(kept).values():  # each shared tensor once, with its kind
+            by_kind[kind] += math.prod(shape)
         return {"derived_params_by_kind": by_kind, "derived_kept": int(keep.sum()),
                 "p_max": float(p.max()), "p_median": float(p.median()),
                 "p_kept_min": float(p[keep].min()) if bool(keep.any()) else 0.0}
@@ -225,8 +240,13 @@ class Supernet(nn.Module):
         budget = self.budget if budget is None else int(budget)
         with torch.no_grad():
             p = (self.gate_probs() if p is None else p).detach().double().cpu()
-            keep = B.derive(p, self.n.cpu(), budget, alpha=self.alpha.detach().double().cpu())
+            keep = self._derive(p, budget)
         return kept_specs(self.specs, keep, p)
+
+    def _derive(self, p: Tensor, budget: int) -> Tensor:
+        """The greedy keep-mask under the full ``budget``, each shared tensor charged once."""
+        needs, costs = self._needs
+        return B.derive(p, self.n.cpu(), budget, alpha=self.alpha.detach().double().cpu(), needs=needs, shared=costs)
 
 
 def kept_specs(specs: list[ModuleSpec], keep: Tensor, p: Tensor) -> list[tuple[ModuleSpec, float]]:

@@ -26,7 +26,7 @@ from s3pet.deltas import KINDS
 from s3pet.errors import ConfigError, StructureError
 from s3pet.io import read_json
 from s3pet.models import count_params, load_backbone
-from s3pet.space import ModuleSpec, discover_sites, instantiate, load_space, stack_depths
+from s3pet.space import ModuleSpec, discover_sites, instantiate, load_space, shared_needs, stack_depths, total_params
 from s3pet.supernet import kept_specs
 
 
@@ -65,7 +65,7 @@ def map_structure(st: S.Structure, backbone: nn.Module, mapping: str = "depth") 
             spec = ModuleSpec(site, m["kind"], kind.check_params(dict(m.get("params") or {})), int(m["rank"]))
             out[(site.path, site.role, m["kind"])] = (spec, m.get("score"))
     kept = sorted(out.values(), key=lambda t: [s.path for s in sites].index(t[0].site.path))
-    n = sum(sp.n_params for sp, _ in kept)
+    n = total_params([sp for sp, _ in kept])
     bb = count_params(backbone)
     prov = {"transfer": {"from_model": st.base_model.get("name_or_path"), "mapping": mapping,
                          "budget": "held" if mapping == "depth" else "scaled",
@@ -109,7 +109,8 @@ def average_runs(runs: list[str | Path], budget: str | int, model: str | None = 
     bb = count_params(backbone)
     b = B.parse_budget(budget, bb)
     # The mean logits break ties in p, as the search's own derivation does (after restarts, too).
-    keep = B.derive(p, n, b, alpha=torch.stack(alphas).mean(0))
+    needs, costs = shared_needs(specs)
+    keep = B.derive(p, n, b, alpha=torch.stack(alphas).mean(0), needs=needs, shared=costs)
     prov = {"average_of": [str(Path(r)) for r in runs], "tasks": sorted({c["task"] for c in configs})}
     return S.from_specs(kept_specs(specs, keep, p), backbone, load_space(cfg["space_spec"]).name,
                         B.budget_record(b, bb), prov)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -26,6 +27,12 @@ def expected_totals(model, space):
         k["modules"] += 1
         k["candidates"] += s.units
         k["params"] += s.n_params
+    seen = set()
+    for s in specs:  # a tensor shared by several modules (Compacter, FacT) counts once, for its kind
+        for name, shape in s.shared.items():
+            if name not in seen:
+                seen.add(name)
+                per_kind[s.kind]["params"] += math.prod(shape)
     return per_kind, count_params(model)
 
 
@@ -69,7 +76,9 @@ def test_json_totals_equal_the_sum_of_rows(alias, space, capsys, tiny_backbone):
     r = json.loads(out)
     rows = r["modules"]
     assert (r["model"], r["space"]) == (alias, space)
-    assert r["total_params"] == sum(m["n_params"] for m in rows)
+    shared = sum(t["n_params"] for t in r.get("shared", []))
+    assert ("shared" in r) == (space == "unified")  # only the unified space has kinds sharing tensors
+    assert r["total_params"] == sum(m["n_params"] for m in rows) + shared
     assert r["candidates"] == sum(m["units"] for m in rows)
     assert all(m["n_params"] == m["units"] * m["unit_params"] for m in rows)
     kinds = {m["kind"] for m in rows}
@@ -77,8 +86,9 @@ def test_json_totals_equal_the_sum_of_rows(alias, space, capsys, tiny_backbone):
     for k in kinds:
         mine = [m for m in rows if m["kind"] == k]
         assert r["per_kind"][k] == {"modules": len(mine), "candidates": sum(m["units"] for m in mine),
-                                    "params": sum(m["n_params"] for m in mine)}
-    assert sum(r["per_layer"].values()) == r["total_params"]
+                                    "params": sum(m["n_params"] for m in mine)
+                                    + sum(t["n_params"] for t in r.get("shared", []) if t["kind"] == k)}
+    assert sum(r["per_layer"].values()) == r["total_params"] - shared  # shared tensors belong to no layer
     for key, v in r["per_layer"].items():
         stack, layer = key.rsplit(".", 1)
         assert v == sum(m["n_params"] for m in rows if m["stack"] == stack and m["layer"] == int(layer))

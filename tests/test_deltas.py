@@ -7,6 +7,7 @@ the host module itself (a module call runs its forward hooks), on random inputs.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -16,22 +17,26 @@ from s3pet.deltas import KINDS, Delta
 from s3pet.errors import ConfigError
 from s3pet.inject import DeltaSet
 from s3pet.models import TINY_ALIASES
-from s3pet.space import ModuleSpec, instantiate, is_linear, linear_dims, load_space
+from s3pet.space import (ModuleSpec, instantiate, is_linear, linear_dims, load_space, shared_params, shared_tensors,
+                         total_params)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 KIND_NAMES = ("lora", "adapter", "lowrank_adapter", "bitfit", "lnfit", "ia3", "parallel_adapter", "adapterbias",
-              "kronecker", "sparse_lora", "sparse_adapter")
-# "sparse_adapter" is the adapter kind with density < 1 (SparseAdapter's large-sparse setting).
-KIND_OF = {"sparse_adapter": "adapter"}
+              "kronecker", "sparse_lora", "sparse_adapter", "compacter", "fact", "fact_tk")
+# "sparse_adapter" is the adapter kind with density < 1 (SparseAdapter's large-sparse setting);
+# FacT's Tucker form is a case of its own.
+KIND_OF = {"sparse_adapter": "adapter", "fact_tk": "fact"}
 HOSTS = {"lora": {"linear"}, "ia3": {"linear"}, "bitfit": {"linear", "norm"}, "lnfit": {"norm"},
          "adapter": {"block"}, "lowrank_adapter": {"block"}, "parallel_adapter": {"block"}, "adapterbias": {"block"},
-         "kronecker": {"linear"}, "sparse_lora": {"linear"}, "sparse_adapter": {"block"}}
+         "kronecker": {"linear"}, "sparse_lora": {"linear"}, "sparse_adapter": {"block"},
+         "compacter": {"block"}, "fact": {"linear"}, "fact_tk": {"linear"}}
 # Hyper-parameters of the full-size module, its units, and how many units a derived module keeps.
 FULL = {"lora": {"rank": 8, "alpha": 16}, "adapter": {"bottleneck": 6}, "lowrank_adapter": {},
         "bitfit": {}, "lnfit": {}, "ia3": {}, "parallel_adapter": {"bottleneck": 5}, "adapterbias": {},
         "kronecker": {"factor": 4, "rank": 2, "alpha": 4.0}, "sparse_lora": {"rank": 3, "sparse_units": 2, "alpha": 8.0},
-        "sparse_adapter": {"bottleneck": 12, "density": 0.1}}
+        "sparse_adapter": {"bottleneck": 12, "density": 0.1},
+        "compacter": {"n": 4, "bottleneck": 8}, "fact": {"rank": 3}, "fact_tk": {"rank": 3, "form": "tk"}}
 FULL_UNITS = {"lora": 8, "adapter": 6, "parallel_adapter": 5, "sparse_lora": 5, "sparse_adapter": 12}
 DERIVED = {"lora": 3, "adapter": 2, "parallel_adapter": 3, "sparse_lora": 4, "sparse_adapter": 5}
 MULTI_UNIT = tuple(DERIVED)
@@ -62,12 +67,30 @@ def unit_formula(kind: str, site, params: dict) -> int:
     if kind == "lowrank_adapter":  # rank-1 down (d + m) and up (m + d), biases m and d
         m = max(1, d_out // int(params.get("reduction", 32)))
         return 3 * (d_out + m)
+    if kind == "compacter":  # PHM down: fast factors d + k, bias k; up: k + d, bias d
+        k = params["bottleneck"]
+        return (d_out + k) + k + (k + d_out) + d_out
+    if kind in ("fact", "fact_tk"):  # per w x w slice of dW: an r x r core (TT) or r weights (TK)
+        w = math.gcd(d_in, d_out)
+        r = params["rank"]
+        return (d_out // w) * (d_in // w) * (r * r if params.get("form", "tt") == "tt" else r)
     return d_out  # bitfit, lnfit, ia3: one vector of the host's output size
 
 
 def kind_specs(kind, sites, params=None):
     params = FULL[kind] if params is None else params
     return instantiate(load_space({"entries": [{"kind": KIND_OF.get(kind, kind), "roles": ["*"], **params}]}), sites)
+
+
+def shared_formula(kind: str, specs) -> int:
+    """The shared parameters of ``specs`` as the design states them, written out independently."""
+    if kind == "compacter":  # n slow n x n matrices, one set for every module
+        return FULL["compacter"]["n"] ** 3
+    if kind in ("fact", "fact_tk"):  # U (r x w) and V (w x r) per slice width w; TK: the r^3 core
+        r = FULL[kind]["rank"]
+        widths = {math.gcd(s.site.d_in, s.site.d_out) for s in specs}
+        return sum(2 * r * w for w in widths) + (r ** 3 if kind == "fact_tk" else 0)
+    return 0
 
 
 def host_input(host, site, seed=0, batch=2, seq=5):
@@ -101,9 +124,8 @@ def close(a, b, tol=1e-5):
 # --------------------------------------------------------------------------- registry
 
 def test_registry_holds_every_kind_with_its_hosts():
-    names = [k for k in KIND_NAMES if k not in KIND_OF]
-    assert set(names) <= set(KINDS)
-    for name in names:
+    assert {KIND_OF.get(k, k) for k in KIND_NAMES} <= set(KINDS)
+    for name in (k for k in KIND_NAMES if k not in KIND_OF):
         assert KINDS[name].name == name
         assert set(KINDS[name].hosts) == HOSTS[name]
 
@@ -123,6 +145,9 @@ def test_n_params_equals_built_parameters(kind, alias, tiny_sites):
     specs = kind_specs(kind, tiny_sites(alias))
     assert {s.site.host for s in specs} == HOSTS[kind]  # every family has linear, norm and block sites
     impl = KINDS[KIND_OF.get(kind, kind)]
+    # Shared tensors: built once for all the modules, counted once.
+    assert shared_params(specs) == shared_formula(kind, specs)
+    assert n_built(DeltaSet(specs)) == sum(s.n_params for s in specs) + shared_formula(kind, specs)
     for spec in specs:
         full = impl.build(spec.site, spec.params, spec.units)
         assert isinstance(full, Delta)
@@ -348,7 +373,9 @@ def test_deltaset_assigns_contiguous_gate_slices(tiny_sites):
     assert offsets[0] == 0
     assert all(b.offset == a.offset + a.units for a, b in zip(ds.specs, ds.specs[1:]))
     assert ds.n_units == sum(s.units for s in specs)
-    assert n_built(ds) == sum(s.n_params for s in specs)
+    # Every module's own parameters, plus each shared tensor (Compacter, FacT) once.
+    assert shared_params(specs) > 0
+    assert n_built(ds) == total_params(specs) == sum(s.n_params for s in specs) + shared_params(specs)
     assert all(ds.delta(s) is ds.delta(s.key) for s in specs)
 
 
@@ -424,3 +451,81 @@ def test_new_kinds_check_their_params():
             KINDS["parallel_adapter"].check_params(bad)
     with pytest.raises(ConfigError, match="rank"):
         KINDS["adapterbias"].check_params({"rank": 2})
+
+
+# --------------------------------------------------------------------------- Compacter, FacT: shared tensors
+
+def kron_sum(rule, u, v):
+    """sum_i rule_i (x) (u_i v_i^T), with torch.kron (independent of the kind's einsum)."""
+    return sum(torch.kron(rule[i], torch.outer(u[i], v[i])) for i in range(rule.shape[0]))
+
+
+@pytest.mark.parametrize("alias,role", [("tiny-bert", "ffn.block"), ("tiny-t5", "xattn.block"),
+                                        ("tiny-gpt2", "attn.block"), ("tiny-llama", "ffn.block")])
+def test_compacter_is_a_phm_bottleneck_with_shared_slow_weights(alias, role, attached):
+    ds, spec, host, x, base = one(alias, "compacter", role, attached)
+    d, rule = ds.delta(spec), ds.shared["compacter_n4"]
+    assert list(ds.shared) == ["compacter_n4"]  # one rule, for every module, down and up alike
+    assert all(ds.delta(s).rule == "compacter_n4" for s in ds.specs)
+    down, up = kron_sum(rule, d.down_u, d.down_v), kron_sum(rule, d.up_u, d.up_v)
+    assert down.shape == (8, spec.site.d_out) and up.shape == (spec.site.d_out, 8)
+    z = torch.full((ds.n_units,), 0.6)
+    expected = base + 0.6 * (F.gelu(base @ down.T + d.down_bias) @ up.T + d.up_bias)
+    assert close(host_out(ds, host, x, z), expected, 1e-4)
+
+
+def fact_delta_w(ds, spec):
+    """dW of a FacT module, slice by slice from the definition: dW_AB = s V Sigma_AB U."""
+    d = ds.delta(spec)
+    w, a, b, r = d.w, d.a, d.b, d.r
+    u, v = ds.shared[d.u_name], ds.shared[d.v_name]
+    dw = torch.zeros(a * w, b * w)
+    for i in range(a):
+        for j in range(b):
+            if d.form == "tt":
+                sig = d.sigma[i * r:(i + 1) * r, j * r:(j + 1) * r]
+            else:  # C x_3 p_AB: the core's slices weighted by this slice's r weights
+                sig = sum(ds.shared[f"fact_tk_r{r}_core"][:, :, m] * d.p[i * b + j, m] for m in range(r))
+            dw[i * w:(i + 1) * w, j * w:(j + 1) * w] = d.scale * v @ sig @ u
+    return dw
+
+
+@pytest.mark.parametrize("kind", ["fact", "fact_tk"])
+@pytest.mark.parametrize("alias,role", [("tiny-bert", "ffn.in"), ("tiny-t5", "xattn.q"),
+                                        ("tiny-gpt2", "attn.qkv"), ("tiny-llama", "attn.k")])
+def test_fact_adds_a_factored_weight_delta(kind, alias, role, attached):
+    ds, spec, host, x, base = one(alias, kind, role, attached)
+    d = ds.delta(spec)
+    assert (d.a * d.w, d.b * d.w) == (spec.site.d_out, spec.site.d_in)
+    dw = fact_delta_w(ds, spec)
+    z = torch.full((ds.n_units,), 0.5)
+    assert close(host_out(ds, host, x, z), base + 0.5 * x @ dw.T, 1e-4)
+    with torch.no_grad():  # what the merge folds in
+        w0 = torch.zeros(spec.site.d_out, spec.site.d_in)
+        folded, bias = KINDS["fact"].fold(d, w0, None, **ds.shared_kwargs(spec))
+    assert bias is None and close(folded, dw, 1e-5)
+
+
+def test_fact_factors_are_shared_by_slice_width_form_and_rank(tiny_sites):
+    sites = tiny_sites("tiny-llama")  # k/v project 32 -> 16 (grouped heads): slices of width 16
+    specs = kind_specs("fact", sites) + kind_specs("fact", sites, {"rank": 2, "form": "tk"})
+    names = shared_tensors(specs)
+    assert set(names) == {"fact_tt_r3_u32", "fact_tt_r3_v32", "fact_tt_r3_u16", "fact_tt_r3_v16",
+                          "fact_tk_r2_u32", "fact_tk_r2_v32", "fact_tk_r2_u16", "fact_tk_r2_v16", "fact_tk_r2_core"}
+    assert names["fact_tt_r3_u16"] == ("fact", (3, 16)) and names["fact_tk_r2_core"] == ("fact", (2, 2, 2))
+    ds = DeltaSet(specs)
+    assert torch.count_nonzero(ds.shared["fact_tt_r3_v32"]) == 0  # V starts at zero: the identity
+    assert set(ds.state_dict()) >= {f"shared.{n}" for n in names}  # saved once, beside the modules
+
+
+def test_shared_kinds_check_their_params(tiny_sites):
+    for bad in ({"form": "cp"}, {"rank": 0}, {"scale": -1.0}):
+        with pytest.raises(ConfigError):
+            KINDS["fact"].check_params(bad)
+    for bad in ({"n": 0}, {"activation": "swish"}, {"bottleneck": 0}):
+        with pytest.raises(ConfigError):
+            KINDS["compacter"].check_params(bad)
+    spec = kind_specs("compacter", tiny_sites("tiny-bert"), {"n": 3})[0]  # 3 does not divide 32
+    with pytest.raises(ConfigError, match="n=3 must divide"):
+        spec.n_params
+    assert (KINDS["compacter"].lr, KINDS["fact"].lr) == (3e-3, 1e-3)  # the papers' rates

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from s3pet.cli import main
 from s3pet.errors import ConfigError
 from s3pet.optuna_search import (decisions, non_dominated, optuna_search, realize, repair_order,
                                  resolve_granularity)
-from s3pet.space import instantiate, load_space
+from s3pet.space import instantiate, load_space, shared_tensors, total_params
 from s3pet.train import TrainConfig
 from synthetic import write_sentiment_task
 
@@ -76,19 +77,28 @@ def test_repair_is_deterministic_and_within_budget(tiny_sites):
     order = repair_order(len(specs), seed=0)
     full = [sp.units for sp in specs]
     kept, requested, repaired = realize(specs, full, BUDGET, order)
-    assert repaired and requested == sum(sp.n_params for sp in specs)
-    assert 0 < sum(sp.n_params for sp in kept) <= BUDGET
-    # Greedy: no module short of its request could take one more unit.
-    left = BUDGET - sum(sp.n_params for sp in kept)
+    assert repaired and requested == total_params(specs)  # the unified space's shared tensors once
+    assert 0 < total_params(kept) <= BUDGET
+    # Greedy: no module short of its request could take one more unit (and the shared tensors
+    # it would be the first to need).
+    left = BUDGET - total_params(kept)
     units = {k.key: k.units for k in kept}
-    assert all(left < sp.unit_params for sp in specs if units.get(sp.key, 0) < sp.units)
+    paid = set(shared_tensors(kept))
+    extra = {sp.key: sum(math.prod(v) for n, v in sp.shared.items() if n not in paid) for sp in specs}
+    assert all(left < sp.unit_params + extra[sp.key] for sp in specs if units.get(sp.key, 0) < sp.units)
     again, _, _ = realize(specs, full, BUDGET, repair_order(len(specs), seed=0))
     assert [(k.key, k.units) for k in again] == [(k.key, k.units) for k in kept]
     # A request that fits is trained as sampled.
-    small = [1 if i in (0, 1) else 0 for i in range(len(specs))]
+    a, b = [i for i, sp in enumerate(specs) if not sp.shared][:2]
+    small = [1 if i in (a, b) else 0 for i in range(len(specs))]
     kept, requested, repaired = realize(specs, small, BUDGET, order)
-    assert not repaired and [k.key for k in kept] == [specs[0].key, specs[1].key]
-    assert requested == specs[0].unit_params + specs[1].unit_params
+    assert not repaired and [k.key for k in kept] == [specs[a].key, specs[b].key]
+    assert requested == specs[a].unit_params + specs[b].unit_params
+    # Two FacT modules request their shared factors once.
+    f = [i for i, sp in enumerate(specs) if sp.kind == "fact"][:2]
+    two = [1 if i in f else 0 for i in range(len(specs))]
+    kept, requested, repaired = realize(specs, two, 10_000, order)
+    assert not repaired and requested == sum(specs[i].unit_params for i in f) + 2 * 8 * 32  # U and V: 8 x 32 each
 
 
 def test_non_dominated_points():

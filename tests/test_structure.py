@@ -11,7 +11,7 @@ import torch
 from s3pet import structure as S
 from s3pet.errors import StructureError
 from s3pet.models import TINY_ALIASES, count_params
-from s3pet.space import ModuleSpec, instantiate, load_space
+from s3pet.space import ModuleSpec, instantiate, load_space, total_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,7 +27,7 @@ def derived(specs):
 def make_structure(tiny_backbone, tiny_sites, alias, space):
     model = tiny_backbone(alias)
     kept = derived(instantiate(load_space(space), tiny_sites(alias)))
-    total = sum(s.n_params for s, _ in kept)
+    total = total_params([s for s, _ in kept])  # modules, and each shared tensor once
     st = S.from_specs(kept, model, space, {"params": total + 10, "fraction": (total + 10) / count_params(model)},
                       {"task": "unit-test", "seed": 0})
     return st, kept
@@ -46,7 +46,7 @@ def test_round_trip(alias, space, tmp_path, tiny_backbone, tiny_sites):
     st, kept = make_structure(tiny_backbone, tiny_sites, alias, space)
     st.save(tmp_path / "structure.json")
     raw = json.loads((tmp_path / "structure.json").read_text())
-    assert raw["schema"] == S.SCHEMA and raw["n_params"] == sum(s.n_params for s, _ in kept)
+    assert raw["schema"] == S.SCHEMA and raw["n_params"] == total_params([s for s, _ in kept])
     loaded = S.load(tmp_path)  # a run directory works too
     assert loaded.to_dict() == st.to_dict()
     assert loaded.base_model["name_or_path"] == alias

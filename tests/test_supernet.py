@@ -8,7 +8,7 @@ import torch
 
 from s3pet.errors import BudgetError
 from s3pet.models import TINY_ALIASES
-from s3pet.space import SHIPPED_SPACES, instantiate, load_space
+from s3pet.space import SHIPPED_SPACES, instantiate, load_space, total_params
 from s3pet.supernet import Supernet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,7 +20,7 @@ FAMILY_SPACE = [(a, s) for a in TINY_ALIASES for s in SHIPPED_SPACES]
 def build(tiny_backbone, tiny_sites, alias, space="s3pet-m", budget=None):
     model = tiny_backbone(alias)
     specs = instantiate(load_space(space), tiny_sites(alias))
-    total = sum(s.n_params for s in specs)
+    total = total_params(specs)  # the whole space, each shared tensor once
     net = Supernet(model, specs, budget=total if budget is None else budget(total))
     return model, net
 
@@ -92,7 +92,7 @@ def test_parameters_by_structure(alias, tiny_backbone, tiny_sites):
     deltas = net.delta_parameters()
     ids = {id(p) for p in deltas}
     assert ids == {id(p) for p in net.deltaset.parameters()} and len(ids) == len(deltas)
-    assert sum(p.numel() for p in deltas) == sum(s.n_params for s in net.specs)
+    assert sum(p.numel() for p in deltas) == total_params(net.specs)  # shared tensors once
     backbone = {id(p) for p in model.parameters()}
     assert not ids & backbone and id(net.alpha) not in ids | backbone
     assert all(not p.requires_grad for p in model.parameters())

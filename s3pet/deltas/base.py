@@ -8,13 +8,16 @@ it, so that no other module tests kind names and a new kind is one file in ``del
   modules), whether the host recomputes a norm with it (``reweights_norm``);
 - its size: gateable units per module (LoRA: rank-1 components; adapters: bottleneck units;
   BitFit/LNFit: one), the exact parameter count of one unit, its hyper-parameters
-  (``defaults``, ``check_params``) and its learning rate (``lr``);
+  (``defaults``, ``check_params``) and its learning rate (``lr``); the tensors it shares
+  with the other modules of its kind (``shared``, ``init_shared``: created once per
+  ``DeltaSet`` and paid once, however many modules use them);
 - its construction (``build``) and forward: a built module (``Delta``) maps
   ``(x, y, gate) -> y'``: ``x`` its input, ``y`` the host's output so far, ``gate`` a vector
   with one value per unit (``None`` when the module is kept whole, as after derivation);
   ``bind`` lets a module read its host once when attached (a sparse support chosen by the
   pretrained weight's magnitude); ``derived_params`` the hyper-parameters of a module made of
   some of its units (which units were kept matters when units differ in role);
+  a kind with shared tensors gets them as a fourth argument, ``shared`` ({name: tensor});
 - its export: how it folds into the backbone's weights (``fold``; ``merge_refusal`` says why
   not), which part of a peft adapter carries it (``peft_part``, ``peft_rank``, ``peft_fill``;
   ``peft_refusal`` says why not);
@@ -157,7 +160,21 @@ class DeltaKind(ABC):
 
     @abstractmethod
     def build(self, site: "Site", params: dict, units: int) -> Delta:
-        """A freshly initialised module with ``units`` units."""
+        """A freshly initialised module with ``units`` units (without its shared tensors)."""
+
+    def shared(self, site: "Site", params: dict) -> dict[str, tuple[int, ...]]:
+        """The tensors a module at ``site`` shares with other modules: {name: shape}.
+
+        A name stands for one tensor: a ``DeltaSet`` creates it once (``init_shared``) for all
+        the modules that name it, and a structure pays its parameters once
+        (``space.shared_tensors``), whichever and however many of those modules it keeps. So a
+        name must determine the shape, and must be a valid attribute name (no dots). Modules
+        receive them in their forward and ``fold`` as ``shared={name: tensor}``."""
+        return {}
+
+    def init_shared(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        """A freshly initialised shared tensor ``name`` of ``shape`` (see ``shared``)."""
+        raise NotImplementedError(f"kind '{self.name}' shares no tensors")
 
     # ------------------------------------------------------------------ export
 
@@ -166,7 +183,8 @@ class DeltaKind(ABC):
         what host + delta computed. float32 tensors; a linear's weight is (d_out, d_in) (GPT-2
         Conv1D weights are transposed by the caller), a norm's its 1-D scale; ``bias`` None
         where the host has none (a kind with ``adds_bias`` may return one). Called in stage
-        order, each kind on the result of the earlier ones."""
+        order, each kind on the result of the earlier ones. A kind with shared tensors also gets
+        ``shared={name: tensor}``."""
         raise NotImplementedError(f"kind '{self.name}' cannot be merged: {self.merge_refusal}")
 
     def peft_part(self, site: "Site") -> str:

@@ -11,7 +11,7 @@ from torch import nn
 from s3pet.deltas import KINDS
 from s3pet.export.adapter import plan_specs
 from s3pet.export.merging import mergeable
-from s3pet.space import ModuleSpec
+from s3pet.space import ModuleSpec, total_params
 
 
 def exportable_specs(specs: list[ModuleSpec], backbone: nn.Module) -> tuple[list[ModuleSpec], str]:
@@ -34,7 +34,7 @@ def exportable_specs(specs: list[ModuleSpec], backbone: nn.Module) -> tuple[list
         return list(specs), "peft or merged"
     if len(merged) == len(specs) or len(peft) == len(specs):
         return list(specs), "merged" if len(merged) == len(specs) else "peft"
-    size = lambda ss: sum(s.n_params for s in ss)  # noqa: E731
+    size = total_params
     kept, target = (merged, "merged") if size(merged) >= size(peft) else (peft, "peft")
     return kept, target
 

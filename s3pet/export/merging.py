@@ -118,7 +118,7 @@ def _fold(model: nn.Module, specs: list[ModuleSpec], ds: DeltaSet) -> list[str]:
         w32 = w.float().T if conv1d else w.float()
         b32 = mod.bias.float() if getattr(mod, "bias", None) is not None else None
         for spec, d in sorted(by_kind.values(), key=lambda t: KINDS[t[0].kind].stage):
-            w32, b32 = KINDS[spec.kind].fold(d, w32, b32)
+            w32, b32 = KINDS[spec.kind].fold(d, w32, b32, **ds.shared_kwargs(spec))
         w.copy_((w32.T if conv1d else w32).to(w.dtype))
         if b32 is not None:
             if getattr(mod, "bias", None) is None:
