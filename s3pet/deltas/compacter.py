@@ -90,7 +90,7 @@ class CompacterKind(DeltaKind):
     lr = 3e-3  # the paper's rate for Compacter (T5-base, GLUE)
     merge_refusal = "sequential bottleneck with an activation, cannot be folded into weights"
     peft_refusal = "no peft counterpart (peft has no Compacter/PHM layers)"
-    code, colour, order = "C", "#882255", 8
+    code, colour, order = "C", "#882255", 10
 
     def check_params(self, params):
         return check_bottleneck(check_activation(super().check_params(params)), self.name)

@@ -103,7 +103,7 @@ class FacTKind(DeltaKind):
     lr = 1e-3  # the paper's rate (ViT-B, VTAB-1k)
     merge_refusal = None
     peft_refusal = "no peft counterpart (peft has no FacT); merge it"
-    code, colour, order = "F", "#44AA99", 9
+    code, colour, order = "F", "#44AA99", 11
 
     def check_params(self, params):
         out = super().check_params(params)
