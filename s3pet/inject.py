@@ -7,7 +7,9 @@ modules attached there (scale, then parallel, then sequential). A kind that rewe
 (LNFit) recomputes the norm with the shifted weight in its own call
 (``deltas.lnfit.norm_with_weight_delta``). A kind that reads the sublayer's
 input (a parallel adapter) gets it from a pre-hook on the sublayer's first projection
-(``Site.source``), which runs before the host, in the same forward.
+(``Site.source``), which runs before the host, in the same forward. A kind that acts inside
+its host rather than on its output (prefix, in the attention call) attaches itself there
+(``DeltaKind.attach``) and gets no forward hook.
 
 Gates: a ``DeltaSet`` built with ``gated=True`` reads one gate vector ``self.z`` (one value
 per unit, over all modules, set by the supernet once per step) and hands each module its
@@ -15,6 +17,8 @@ slice; with ``gated=False`` modules run whole.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -61,7 +65,26 @@ class DeltaSet(nn.Module):
             self._handles.append(backbone.get_submodule(path).register_forward_pre_hook(self._make_source_hook(path)))
         for path, items in self._by_host.items():
             host = backbone.get_submodule(path)
-            self._handles.append(host.register_forward_hook(self._make_hook(host, items)))
+            hooked = []
+            for spec, d in items:
+                handle = KINDS[spec.kind].attach(host, d, partial(self._gate, spec))
+                if handle is None:
+                    hooked.append((spec, d))
+                else:
+                    self._handles.append(handle)
+            if hooked:
+                self._handles.append(host.register_forward_hook(self._make_hook(host, hooked)))
+        return self
+
+    def kept_params(self) -> int:
+        """Parameters kept after training (what the budget counts; ``Delta.kept_params``)."""
+        return sum(d.kept_params() for d in self.deltas.values())
+
+    def bake(self) -> "DeltaSet":
+        """Reduce every module to the tensors it keeps (``Delta.bake``): after training, before
+        saving, and before loading saved weights."""
+        for d in self.deltas.values():
+            d.bake()
         return self
 
     def detach(self) -> None:
