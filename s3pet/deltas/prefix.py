@@ -105,7 +105,7 @@ class PrefixKind(DeltaKind):
     name = "prefix"
     hosts = ("attention",)
     stage = 1
-    defaults = {"n_prefix": 10, "mlp": True, "hidden": None}  # hidden None: the model width d, as peft's default
+    defaults = {"n_prefix": 10, "mlp": True, "hidden": None}  # hidden None: the model width d
     # peft's prefix-tuning examples and P-tuning v2 train prefixes (with the MLP) at 5e-3 to 1e-2.
     lr = 5e-3
     merge_refusal = "prefix keys and values add attention columns, which no weight of the model can fold in"

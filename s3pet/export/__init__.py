@@ -34,7 +34,10 @@ that ``PeftModel.from_pretrained(base, folder)`` loads, ``base`` being the backb
 Not expressible in peft (StructureError naming kinds and sites, suggesting ``--merge`` when
 merging works): ``adapter``, ``lowrank_adapter`` and ``parallel_adapter`` (bottlenecks: no
 peft counterpart, no merge either); ``adapterbias`` (peft has none; it merges); ``ia3``
-together with ``lora`` or linear ``bitfit``; ``bitfit`` on a norm without a bias (RMSNorm).
+together with ``lora`` or linear ``bitfit``; ``bitfit`` on a norm without a bias (RMSNorm);
+``prefix`` (peft's PREFIX_TUNING is one prefix of one length on every layer, held as a key/value
+cache that also shifts the input's positions, so no per-module, position-free prefix maps onto
+it; no merge either: a prefix adds attention columns).
 
 merged (``merge`` / ``export_merged``): the deltas folded into the weights of a plain
 transformers model saved with ``save_pretrained`` (``AutoModel.from_pretrained`` loads it).
