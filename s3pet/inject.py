@@ -7,7 +7,9 @@ modules attached there (scale, then parallel, then sequential). A kind that rewe
 (LNFit) recomputes the norm with the shifted weight in its own call
 (``deltas.lnfit.norm_with_weight_delta``). A kind that reads the sublayer's
 input (a parallel adapter) gets it from a pre-hook on the sublayer's first projection
-(``Site.source``), which runs before the host, in the same forward.
+(``Site.source``), which runs before the host, in the same forward. A kind that acts inside
+its host rather than on its output (prefix, in the attention call) attaches itself there
+(``DeltaKind.attach``) and gets no forward hook.
 
 Shared tensors (Compacter's slow weights, FacT's factors) live once in ``DeltaSet.shared``, a
 ``ParameterDict`` created from the kinds' ``shared`` and ``init_shared`` (so ``state_dict`` and
@@ -21,6 +23,8 @@ slice; with ``gated=False`` modules run whole.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -96,9 +100,28 @@ class DeltaSet(nn.Module):
             self._handles.append(backbone.get_submodule(path).register_forward_pre_hook(self._make_source_hook(path)))
         for path, items in self._by_host.items():
             host = backbone.get_submodule(path)
-            for spec, d in items:  # a module that depends on its frozen host reads it now
-                KINDS[spec.kind].bind(d, host)
-            self._handles.append(host.register_forward_hook(self._make_hook(host, items)))
+            hooked = []
+            for spec, d in items:
+                KINDS[spec.kind].bind(d, host)  # a module that depends on its frozen host reads it now
+                handle = KINDS[spec.kind].attach(host, d, partial(self._gate, spec))
+                if handle is None:
+                    hooked.append((spec, d))
+                else:
+                    self._handles.append(handle)
+            if hooked:
+                self._handles.append(host.register_forward_hook(self._make_hook(host, hooked)))
+        return self
+
+    def kept_params(self) -> int:
+        """Parameters kept after training (what the budget counts; ``Delta.kept_params``), each
+        shared tensor once."""
+        return sum(d.kept_params() for d in self.deltas.values()) + sum(p.numel() for p in self.shared.values())
+
+    def bake(self) -> "DeltaSet":
+        """Reduce every module to the tensors it keeps (``Delta.bake``): after training, before
+        saving, and before loading saved weights."""
+        for d in self.deltas.values():
+            d.bake()
         return self
 
     def detach(self) -> None:

@@ -336,9 +336,12 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
     rates = learning_rates(cfg, [k[len("kind:"):] for k in groups if k.startswith("kind:")], full)
     n_trainable = sum(p.numel() for ps in groups.values() for p in ps)
     n_head = sum(p.numel() for p in groups["head"])
-    n_pet = n_trainable - n_head
+    n_pet = n_trainable - n_head if full else deltaset.kept_params()  # counted: what is kept after training
     if structure is not None and n_pet != structure.n_params:
         raise StructureError(f"built {n_pet} PET parameters but the structure lists {structure.n_params}")
+    if not full and n_trainable - n_head != n_pet:
+        log.info("training %d PET parameters, %d of them kept after training (prefix reparametrisation)",
+                 n_trainable - n_head, n_pet)
     with rundir.RunDir(out, overwrite=overwrite, resume=resume):
         if not resume:
             if structure is not None:
@@ -350,13 +353,15 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
         if full:
             named.update({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
         else:
-            named.update({f"deltas.{k}": v for k, v in deltaset.state_dict().items()})
+            named.update({f"deltas.{k}": v for k, v in deltaset.bake().state_dict().items()})
         _save_delta(out / "delta.safetensors", named)
         bb = count_params(backbone) if not full else n_pet
         metrics = {"stage": stage, "task": task, "model": model, "main_metric": td.card.main_metric,
                    "validation": res.best_validation, "test": res.test, "best_step": res.best_step,
                    "steps": res.steps, "params": {"pet": n_pet, "head": n_head, "backbone": bb,
-                                                  "pet_share_of_backbone": n_pet / bb if bb else 0.0},
+                                                  "pet_share_of_backbone": n_pet / bb if bb else 0.0,
+                                                  **({"pet_trained": n_trainable - n_head}
+                                                     if n_trainable - n_head != n_pet else {})},
                    "split_info": td.split_info, "learning_rates": rates, "pooling": tm.pooling, **enc.truncation(),
                    "cost": {"seconds": round(res.seconds, 2), "peak_memory_mb": round(res.peak_memory_mb, 1),
                             "gpu_hours": gpu_hours(res.seconds, device),
@@ -459,7 +464,7 @@ def load_run(run_dir: str | Path, task: str | None = None, device: str | None = 
         if config.get("method") == "lst":
             tm.side.load_state_dict({k[len("side."):]: v for k, v in weights.items() if k.startswith("side.")})
         elif "structure" in config:
-            deltaset = S.apply(S.from_dict(config["structure"], str(run / "config.json")), backbone)
+            deltaset = S.apply(S.from_dict(config["structure"], str(run / "config.json")), backbone).bake()
             deltaset.load_state_dict({k[len("deltas."):]: v for k, v in weights.items() if k.startswith("deltas.")})
         else:
             backbone.load_state_dict({k[len("backbone."):]: v for k, v in weights.items()

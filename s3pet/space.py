@@ -1,9 +1,10 @@
 """Sites (places in a model) and search spaces (which module kinds go where).
 
 A *site* is found from the module tree by type: linear layers (``nn.Linear`` and GPT-2's
-``Conv1D``), normalisation layers (LayerNorm and RMSNorm-like modules), and sublayer outputs
+``Conv1D``), normalisation layers (LayerNorm and RMSNorm-like modules), sublayer outputs
 (the output of the attention / FFN sublayer, hosted by its output projection, where
-sequential adapters sit). Each site records its stack (encoder/decoder), layer index and
+sequential adapters sit) and attention cores (the attention module that owns the query
+projection, where prefixes extend the keys and values). Each site records its stack (encoder/decoder), layer index and
 role, from generic name rules that cover BERT, RoBERTa, T5, GPT-2, LLaMA-style models and
 most others; anything unmatched keeps a generic role (``attn.other``, ``ffn.other``).
 
@@ -32,8 +33,8 @@ ROLES = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "attn.other",
          "xattn.q", "xattn.k", "xattn.v", "xattn.qkv", "xattn.o", "xattn.other",
          "ffn.gate", "ffn.in", "ffn.out", "ffn.other",
          "norm.attn", "norm.xattn", "norm.ffn", "norm.other",
-         "attn.block", "xattn.block", "ffn.block", "norm.emb", "norm.final")
-HOSTS = ("linear", "norm", "block")
+         "attn.block", "xattn.block", "ffn.block", "attn.core", "xattn.core", "norm.emb", "norm.final")
+HOSTS = ("linear", "norm", "block", "attention")
 
 _CROSS = re.compile(r"encdecattention|crossattention|cross_attn|crossattn|encoder_attn|cross_attention", re.I)
 _ATTN = re.compile(r"attn|attention", re.I)
@@ -64,12 +65,12 @@ class Site:
     """A place in the model where PET modules can attach."""
 
     path: str  # module path relative to the backbone root (for blocks: the hosting output projection)
-    host: str  # "linear" | "norm" | "block"
-    role: str  # e.g. "attn.q", "ffn.out", "norm.attn", "attn.block"
+    host: str  # "linear" | "norm" | "block" | "attention"
+    role: str  # e.g. "attn.q", "ffn.out", "norm.attn", "attn.block", "attn.core"
     stack: str  # "encoder" | "decoder"
     layer: int  # block index in its stack; -1 before the blocks, n_layers after them
     d_in: int
-    d_out: int
+    d_out: int  # attention sites: the width of the keys (kv heads x head dim), what a prefix extends
     # Block sites: the sublayer's first projection (q/qkv, FFN in/gate), whose input is the
     # sublayer's input, which parallel modules read; "" where there is none of width d_out.
     source: str = ""
@@ -195,7 +196,7 @@ def discover_sites(model: nn.Module) -> list[Site]:
         for i, block in enumerate(blist):
             prefix = f"{list_name}.{i}" if list_name else str(i)
             in_block.add(prefix)
-            outs, firsts = {}, {}
+            outs, firsts, attn = {}, {}, {}
             for rel, mod in block.named_modules():
                 if not rel:
                     continue
@@ -208,6 +209,7 @@ def discover_sites(model: nn.Module) -> list[Site]:
                         outs[role.split(".")[0]] = (path, d_out)
                     if role in ("attn.q", "attn.qkv", "xattn.q", "xattn.qkv", "ffn.in", "ffn.gate"):
                         firsts.setdefault(role.split(".")[0], (path, d_in))
+                    _note_attention(attn, rel, role, d_in, d_out)
                 elif is_norm(mod):
                     d = int(mod.weight.shape[0])
                     sites.append(Site(path, "norm", _norm_role(rel, block), stack, i, d, d))
@@ -216,6 +218,7 @@ def discover_sites(model: nn.Module) -> list[Site]:
                     path, d = outs[sub]
                     src, d_src = firsts.get(sub, ("", 0))
                     sites.append(Site(path, "block", f"{sub}.block", stack, i, d, d, src if d_src == d else ""))
+            sites.extend(_attention_sites(attn, block, prefix, stack, i))
     # Norms outside the blocks: embedding norm (before) and final norm (after).
     for name, mod in model.named_modules():
         if not is_norm(mod) or any(name.startswith(p + ".") for p in in_block):
@@ -229,6 +232,33 @@ def discover_sites(model: nn.Module) -> list[Site]:
         else:
             sites.append(Site(name, "norm", "norm.final", stack, depth.get(stack, 0), d, d))
     return sites
+
+
+def _note_attention(attn: dict, rel: str, role: str, d_in: int, d_out: int) -> None:
+    """Record a q / k / fused qkv projection under its parent module (a candidate attention core)."""
+    sub, _, leaf = role.partition(".")
+    if sub in ("attn", "xattn") and leaf in ("q", "k", "qkv"):
+        parent = rel.rpartition(".")[0]
+        attn.setdefault(parent, {"sub": sub})[leaf] = (d_in, d_out)
+
+
+def _attention_sites(attn: dict, block: nn.Module, prefix: str, stack: str, layer: int) -> list[Site]:
+    """One ``attention`` site per attention module of a block: a module whose class name says
+    attention and that owns the query projection (and the key one, or a fused qkv, whose
+    output is split in three equal parts: keys are a third). d_in: the query's input width;
+    d_out: the keys' width."""
+    out = []
+    for parent, proj in attn.items():
+        if not parent or not _ATTN.search(type(block.get_submodule(parent)).__name__):
+            continue
+        if "q" in proj and "k" in proj:
+            d_in, d_kv = proj["q"][0], proj["k"][1]
+        elif "qkv" in proj and proj["qkv"][1] % 3 == 0:
+            d_in, d_kv = proj["qkv"][0], proj["qkv"][1] // 3
+        else:
+            continue
+        out.append(Site(f"{prefix}.{parent}", "attention", f"{proj['sub']}.core", stack, layer, d_in, d_kv))
+    return out
 
 
 def stack_depths(sites: list[Site]) -> dict[str, int]:

@@ -373,9 +373,12 @@ def test_deltaset_assigns_contiguous_gate_slices(tiny_sites):
     assert offsets[0] == 0
     assert all(b.offset == a.offset + a.units for a, b in zip(ds.specs, ds.specs[1:]))
     assert ds.n_units == sum(s.units for s in specs)
-    # Every module's own parameters, plus each shared tensor (Compacter, FacT) once.
+    # Every module's kept parameters, plus each shared tensor (Compacter, FacT) once; the prefix's
+    # MLP trains beside them until baked.
     assert shared_params(specs) > 0
-    assert n_built(ds) == total_params(specs) == sum(s.n_params for s in specs) + shared_params(specs)
+    assert ds.kept_params() == total_params(specs) == sum(s.n_params for s in specs) + shared_params(specs)
+    assert total_params(specs) < n_built(ds)
+    assert n_built(ds.bake()) == total_params(specs)
     assert all(ds.delta(s) is ds.delta(s.key) for s in specs)
 
 

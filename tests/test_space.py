@@ -31,18 +31,19 @@ OUTER = ("norm.emb", "norm.final")
 # What one block of each family holds (one site per role), per stack, and the norms outside
 # the blocks. This is the contract plots and transfer rely on.
 _ENC = {"attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out",
-        "norm.attn", "norm.ffn", "attn.block", "ffn.block"}
-_T5_DEC = _ENC | {"xattn.q", "xattn.k", "xattn.v", "xattn.o", "norm.xattn", "xattn.block"}
+        "norm.attn", "norm.ffn", "attn.block", "ffn.block", "attn.core"}
+_T5_DEC = _ENC | {"xattn.q", "xattn.k", "xattn.v", "xattn.o", "norm.xattn", "xattn.block", "xattn.core"}
 EXPECTED = {
     "tiny-bert": {"blocks": {"encoder": _ENC}, "outer": {("norm.emb", "encoder")}},
     "tiny-roberta": {"blocks": {"encoder": _ENC}, "outer": {("norm.emb", "encoder")}},
     "tiny-t5": {"blocks": {"encoder": _ENC, "decoder": _T5_DEC},
                 "outer": {("norm.final", "encoder"), ("norm.final", "decoder")}},
     "tiny-gpt2": {"blocks": {"decoder": {"attn.qkv", "attn.o", "ffn.in", "ffn.out", "norm.attn", "norm.ffn",
-                                         "attn.block", "ffn.block"}},
+                                         "attn.block", "ffn.block", "attn.core"}},
                   "outer": {("norm.final", "decoder")}},
     "tiny-llama": {"blocks": {"decoder": {"attn.q", "attn.k", "attn.v", "attn.o", "ffn.gate", "ffn.in",
-                                          "ffn.out", "norm.attn", "norm.ffn", "attn.block", "ffn.block"}},
+                                          "ffn.out", "norm.attn", "norm.ffn", "attn.block", "ffn.block",
+                                          "attn.core"}},
                    "outer": {("norm.final", "decoder")}},
 }
 
@@ -142,6 +143,12 @@ def test_every_site_resolves_to_a_module_of_its_host_type(alias, tiny_backbone, 
         mod = model.get_submodule(s.path)
         if s.host == "norm":
             assert is_norm(mod) and mod.weight.dim() == 1 and mod.weight.shape[0] == s.d_out
+        elif s.host == "attention":  # the attention module itself, which calls the attention function
+            assert "Attention" in type(mod).__name__
+            cfg = model.config
+            heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_heads", None) or cfg.num_attention_heads
+            head_dim = getattr(cfg, "d_kv", None) or hidden(cfg) // cfg.num_attention_heads
+            assert (s.d_in, s.d_out) == (hidden(cfg), heads * head_dim)  # the keys' width (GQA: kv heads only)
         else:
             assert is_linear(mod)
         if s.host == "linear":
@@ -228,7 +235,7 @@ def test_bert_embedding_norm_and_no_final_norm(tiny_sites):
 def test_generic_roles_on_a_hand_written_model(toy_sites):
     roles = Counter(s.role for s in toy_sites if s.layer == 0)
     assert set(roles) == {"attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out", "ffn.other",
-                          "norm.attn", "norm.ffn", "attn.block", "ffn.block"}
+                          "norm.attn", "norm.ffn", "attn.block", "ffn.block", "attn.core"}
     mixer = [s for s in toy_sites if s.path.endswith("mixer")]
     assert len(mixer) == 6 and {s.role for s in mixer} == {"ffn.other"}
     assert [(s.path, s.layer) for s in by_role(toy_sites, "norm.final")] == [("norm", 6)]
@@ -308,8 +315,10 @@ def test_s3pet_m_is_the_papers_mixed_space(alias, tiny_sites):
             assert got == {"lora": 1, "bitfit": 1}, s
         elif s.host == "norm":
             assert got == {"lnfit": 1, "bitfit": 1}, s
-        else:
+        elif s.host == "block":
             assert got == {"lowrank_adapter": 1}, s
+        else:
+            assert not got, s  # no prefix in the paper's space
 
 
 @pytest.mark.parametrize("alias", TINY_ALIASES)
@@ -335,6 +344,8 @@ def test_unified_ranks_and_ia3_roles(alias, tiny_sites):
             assert got == {"adapter": s.d_out // 16, "lowrank_adapter": 1, "parallel_adapter": s.d_out // 16,
                            "adapterbias": 1, "compacter": 1}
             assert s.source  # every tiny family's sublayers start with a projection of width d
+        elif s.host == "attention":
+            assert got == {"prefix": 1}
         else:
             assert got == {"bitfit": 1, "lnfit": 1}
 

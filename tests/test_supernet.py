@@ -43,6 +43,12 @@ def test_outputs_equal_backbone_when_closed_or_fresh(alias, space, tiny_backbone
     # Fresh deltas, gates open (everything fits the budget, so every p is 1).
     p = net.expected_gates()
     assert torch.equal(p, torch.ones_like(p))
+    # A fresh prefix is not the identity (its keys draw attention): its gates stay closed here.
+    fresh = torch.ones(net.deltaset.n_units)
+    for s in net.specs:
+        if s.kind == "prefix":
+            fresh[s.offset:s.offset + s.units] = 0
+    net.deltaset.z = fresh
     assert torch.allclose(backbone_output(net, inputs), ref, atol=TOL)
     # Trained (random) deltas, gates closed.
     randomize_deltas(net)
@@ -92,7 +98,9 @@ def test_parameters_by_structure(alias, tiny_backbone, tiny_sites):
     deltas = net.delta_parameters()
     ids = {id(p) for p in deltas}
     assert ids == {id(p) for p in net.deltaset.parameters()} and len(ids) == len(deltas)
-    assert sum(p.numel() for p in deltas) == total_params(net.specs)  # shared tensors once
+    # What the budget counts is what the modules keep (shared tensors once); the prefix's MLP trains
+    # beside it (decision prefix-3).
+    assert net.deltaset.kept_params() == total_params(net.specs) < sum(p.numel() for p in deltas)
     backbone = {id(p) for p in model.parameters()}
     assert not ids & backbone and id(net.alpha) not in ids | backbone
     assert all(not p.requires_grad for p in model.parameters())

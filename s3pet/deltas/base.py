@@ -5,7 +5,8 @@ it, so that no other module tests kind names and a new kind is one file in ``del
 
 - where it goes: the site hosts it attaches to (``hosts``, ``fits``), its order at a host
   (``stage``), what input it reads (``reads``: the host's, or the sublayer's for parallel
-  modules), whether the host recomputes a norm with it (``reweights_norm``);
+  modules), whether the host recomputes a norm with it (``reweights_norm``), or whether it
+  attaches to the host itself instead of its output (``attach``: prefix, in the attention call);
 - its size: gateable units per module (LoRA: rank-1 components; adapters: bottleneck units;
   BitFit/LNFit: one), the exact parameter count of one unit, its hyper-parameters
   (``defaults``, ``check_params``) and its learning rate (``lr``); the tensors it shares
@@ -83,6 +84,15 @@ class Delta(nn.Module):
     kind: str = ""
     units: int = 1
 
+    def kept_params(self) -> int:
+        """The parameters this module keeps after training: what the budget counts and a retrain
+        saves. Its trainable parameters can be more while it trains (prefix's MLP)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def bake(self) -> None:
+        """Reduce the module to the tensors it keeps (after training, before saving or loading
+        saved weights). A no-op for every kind that trains what it keeps."""
+
     def forward(self, x: Tensor, y: Tensor, gate: Tensor | None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -91,7 +101,7 @@ class DeltaKind(ABC):
     """One PET module kind."""
 
     name: str = ""
-    hosts: tuple[str, ...] = ()  # which site hosts it attaches to: "linear", "norm", "block"
+    hosts: tuple[str, ...] = ()  # which site hosts it attaches to: "linear", "norm", "block", "attention"
     stage: int = 1  # order at a host: 0 scales the base output, 1 adds in parallel, 2 sequential after
     defaults: dict = {}
     # Known-good AdamW learning rate for this kind on a frozen backbone (batch 32, linear
@@ -112,6 +122,14 @@ class DeltaKind(ABC):
     colour: str = ""  # "" = a spare colour
     order: int = 100
     ranked: bool = False
+
+    def attach(self, host: nn.Module, delta: Delta, gate) -> object | None:
+        """Attach ``delta`` to the ``host`` module itself; returns a handle with ``remove()``.
+
+        ``gate()`` returns the module's gate (or None) at the time of a forward. The default,
+        None, means the host's forward hook applies the module to the host's output (every
+        kind but prefix, which acts inside the attention call)."""
+        return None
 
     def fits(self, site: "Site") -> bool:
         """Whether a module of this kind can attach at ``site``."""

@@ -42,7 +42,10 @@ merging works): ``adapter``, ``lowrank_adapter`` and ``parallel_adapter`` (bottl
 peft counterpart, no merge either); ``adapterbias`` (peft has none; it merges); ``ia3``,
 ``kronecker`` and LoRA-carried kinds together (one method per adapter); ``kronecker`` on GPT-2's
 ``Conv1D``; ``sparse_lora`` with sparse chunks (peft has no sparse residual); ``lora`` and
-``sparse_lora`` at one linear; ``bitfit`` on a norm without a bias (RMSNorm).
+``sparse_lora`` at one linear; ``bitfit`` on a norm without a bias (RMSNorm);
+``prefix`` (peft's PREFIX_TUNING is one prefix of one length on every layer, held as a key/value
+cache that also shifts the input's positions, so no per-module, position-free prefix maps onto
+it; no merge either: a prefix adds attention columns).
 
 merged (``merge`` / ``export_merged``): the deltas folded into the weights of a plain
 transformers model saved with ``save_pretrained`` (``AutoModel.from_pretrained`` loads it).

@@ -32,7 +32,7 @@ def build_deltas(structure: S.Structure, backbone: nn.Module,
 
 
 def load_deltas(specs: list[ModuleSpec], backbone: nn.Module, weights: dict[str, Tensor] | None) -> DeltaSet:
-    ds = DeltaSet(specs, gated=False)
+    ds = DeltaSet(specs, gated=False).bake()  # saved weights hold only what a module keeps
     ref = next(backbone.parameters())
     ds.to(device=ref.device)
     if weights is None:
