@@ -77,19 +77,9 @@ def w_groups(root: SearchModel, cfg: SearchConfig) -> list[dict]:
 
     if not cfg.kind_lr_scale:
         groups = [{"params": root.supernet.delta_parameters(), "lr": cfg.w_lr}]
-    else:
-        by_kind: dict[str, list] = {}
-        ds = root.supernet.deltaset
-        seen: set[int] = set()
-        for spec in ds.specs:
-            for p in ds.delta(spec).parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    by_kind.setdefault(spec.kind, []).append(p)
-        rest = [p for p in root.supernet.delta_parameters() if id(p) not in seen]  # owned by no one module
-        groups = [{"params": ps, "lr": KINDS[k].lr * cfg.kind_lr_scale} for k, ps in sorted(by_kind.items())]
-        if rest:
-            groups.append({"params": rest, "lr": max(g["lr"] for g in groups)})
+    else:  # one group per kind, its shared tensors included (DeltaSet.kind_parameters)
+        groups = [{"params": ps, "lr": KINDS[k].lr * cfg.kind_lr_scale}
+                  for k, ps in sorted(root.supernet.deltaset.kind_parameters().items())]
     top = max((g["lr"] for g in groups), default=cfg.w_lr)
     return [g for g in groups if g["params"]] + [{"params": root.task_model.head_parameters(),
                                                    "lr": cfg.head_lr or top}]

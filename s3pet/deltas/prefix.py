@@ -111,7 +111,7 @@ class PrefixKind(DeltaKind):
     merge_refusal = "prefix keys and values add attention columns, which no weight of the model can fold in"
     peft_refusal = ("peft's PREFIX_TUNING puts one prefix of one length on every layer, as a key/value cache that "
                     "also shifts the positions of the input tokens; s3pet's prefixes are per module and position-free")
-    code, colour, order = "P", "#882255", 8
+    code, colour, order = "P", "#661100", 12
 
     def check_params(self, params):
         out = super().check_params(params)
