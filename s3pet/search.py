@@ -36,6 +36,7 @@ from s3pet import budget as B
 from s3pet import data as D
 from s3pet import dist
 from s3pet.configs import SearchConfig  # noqa: F401 (re-exported)
+from s3pet.deltas import KINDS
 from s3pet.errors import ConfigError, TrainingError
 from s3pet.heads import TaskModel
 from s3pet.history import History
@@ -73,8 +74,6 @@ def w_groups(root: SearchModel, cfg: SearchConfig) -> list[dict]:
     ``kind_lr_scale``, each kind at its known-good rate times the scale (what retraining gives it,
     so the gates compare kinds trained the way the derived structure will be); the head at
     ``head_lr``, else the largest module rate."""
-    from s3pet.deltas import KINDS
-
     if not cfg.kind_lr_scale:
         groups = [{"params": root.supernet.delta_parameters(), "lr": cfg.w_lr}]
     else:  # one group per kind, its shared tensors included (DeltaSet.kind_parameters)
@@ -126,7 +125,12 @@ class BiLevel:
         self.sched_w = linear_schedule(self.opt_w, total, int(cfg.warmup_ratio * total))
         self.sched_a = linear_schedule(self.opt_a, alpha_total, int(cfg.warmup_ratio * alpha_total))
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        self.compiled = accel.Compiled(root.task_model, accel.wanted(cfg.compile, device, total))
+        want = accel.wanted(cfg.compile, device, total)
+        eager_only = sorted({s.kind for s in self.sn.specs if not KINDS[s.kind].compiles_gated})
+        if want and eager_only:
+            log.warning("the search runs eagerly: a compiled step would not carry the gate gradient of %s",
+                        ", ".join(eager_only))
+        self.compiled = accel.Compiled(root.task_model, want and not eager_only)
         if self.sn.shift_iters:  # the fixed-iteration (sync-free) solve: ~25 tiny ops per iteration
             self.sn.solver = self.compiled.function(B.solve_shift)
 

@@ -8,6 +8,7 @@ inductor on the CPU to check the generated element-wise low-rank products numeri
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from types import SimpleNamespace
@@ -18,12 +19,13 @@ from torch import nn
 
 from s3pet import accel
 from s3pet import budget as B
+from s3pet.deltas import KINDS
 from s3pet.deltas.base import expand, project
 from s3pet.errors import ConfigError
 from s3pet.heads import TaskModel
 from s3pet.models import load_backbone
 from s3pet.search import BiLevel, SearchConfig, SearchModel
-from s3pet.space import discover_sites, instantiate, load_space
+from s3pet.space import discover_sites, instantiate, load_space, shipped_space_path
 from s3pet.supernet import Supernet
 
 CARD = SimpleNamespace(name="t", type="classification", num_labels=2, label_words=None, is_regression=False)
@@ -70,10 +72,19 @@ def _batches(n: int, lengths=(12, 12, 15, 9, 12, 17)):
     return out
 
 
+def _space(name: str):
+    """A shipped space; "unified-compiled": unified without the kinds a compiled search runs eagerly."""
+    if name != "unified-compiled":
+        return load_space(name)
+    entries = [e for e in json.loads(shipped_space_path("unified").read_text())["entries"]
+               if KINDS[e["kind"]].compiles_gated]
+    return load_space({"name": name, "entries": entries})
+
+
 def _search(order: str, compile_: str, space: str = "s3pet-m", steps: int = 4, shift_iters: int | None = None):
     torch.manual_seed(0)
     bb = _no_dropout(load_backbone("tiny-bert"))
-    sn = Supernet(bb, instantiate(load_space(space), discover_sites(bb)), 1500)
+    sn = Supernet(bb, instantiate(_space(space), discover_sites(bb)), 1500)
     sn.shift_iters = shift_iters  # as on a GPU: a fixed number of sync-free iterations
     for p in sn.deltaset.parameters():  # non-zero everywhere, so every path carries gradient
         nn.init.normal_(p, std=0.05)
@@ -90,7 +101,7 @@ def _search(order: str, compile_: str, space: str = "s3pet-m", steps: int = 4, s
     return bl, losses, sn.alpha.detach().clone(), [p.detach().clone() for p in bl.w], tol
 
 
-@pytest.mark.parametrize("order,space,iters", [("first", "s3pet-m", None), ("first", "unified", 12),
+@pytest.mark.parametrize("order,space,iters", [("first", "s3pet-m", None), ("first", "unified-compiled", 12),
                                                ("second", "s3pet-m", None)])
 def test_compiled_search_steps_match_plain(order, space, iters):
     bl_c, loss_c, alpha_c, w_c, tol = _search(order, "on", space, shift_iters=iters)
@@ -102,6 +113,17 @@ def test_compiled_search_steps_match_plain(order, space, iters):
     assert torch.allclose(alpha_c, alpha_e, rtol=tol, atol=tol) and not torch.equal(alpha_e, torch.zeros_like(alpha_e))
     for a, b in zip(w_c, w_e):
         assert torch.allclose(a, b, rtol=tol, atol=tol)
+
+
+def test_a_search_holding_a_kind_that_does_not_compile_runs_eagerly(caplog):
+    eager_only = sorted(k for k, v in KINDS.items() if not v.compiles_gated)
+    assert eager_only  # prefix: compiled, its gates get no gradient (measured: alpha stayed 0)
+    bb = load_backbone("tiny-bert")
+    sn = Supernet(bb, instantiate(load_space("unified"), discover_sites(bb)), 1500)
+    root = SearchModel(sn, TaskModel(bb, CARD, dropout=0.0))
+    with caplog.at_level("WARNING", logger="s3pet.search"):
+        bl = BiLevel(root, SearchConfig(compile="on", progress=False), torch.device("cpu"), 100)
+    assert not bl.compiled.active and any("runs eagerly" in r.getMessage() for r in caplog.records)
 
 
 def test_gates_are_graph_inputs_not_constants():

@@ -99,7 +99,7 @@ def test_parameters_by_structure(alias, tiny_backbone, tiny_sites):
     ids = {id(p) for p in deltas}
     assert ids == {id(p) for p in net.deltaset.parameters()} and len(ids) == len(deltas)
     # What the budget counts is what the modules keep (shared tensors once); the prefix's MLP trains
-    # beside it (decision prefix-3).
+    # beside it (decision 39).
     assert net.deltaset.kept_params() == total_params(net.specs) < sum(p.numel() for p in deltas)
     backbone = {id(p) for p in model.parameters()}
     assert not ids & backbone and id(net.alpha) not in ids | backbone

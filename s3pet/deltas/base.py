@@ -109,6 +109,9 @@ class DeltaKind(ABC):
     lr: float = 1e-3
     reads: str = "host"  # the x a module gets: "host" (the host's input) or "sublayer" (the input of the sublayer a block site closes)
     reweights_norm: bool = False  # the norm host is recomputed with weight + module.weight_delta(gate)
+    # False: a compiled search step does not carry this kind's gate gradient (measured against the
+    # eager step), so a search holding it runs eagerly (``search.BiLevel``).
+    compiles_gated: bool = True
 
     # Export. A kind that folds into its host's weights sets merge_refusal = None and defines
     # fold; one that a peft adapter carries sets peft_refusal = None and defines peft_part.

@@ -112,6 +112,9 @@ class PrefixKind(DeltaKind):
     peft_refusal = ("peft's PREFIX_TUNING puts one prefix of one length on every layer, as a key/value cache that "
                     "also shifts the positions of the input tokens; s3pet's prefixes are per module and position-free")
     code, colour, order = "P", "#661100", 12
+    # Compiled, the attention wrapper's gate reads give alpha no gradient (tests/test_accel.py):
+    # searches with prefixes run eagerly; a retrain (no gates) still compiles.
+    compiles_gated = False
 
     def check_params(self, params):
         out = super().check_params(params)
