@@ -36,6 +36,16 @@ class LoRA(Delta):
         return y + expand(h, self.lora_B).to(y.dtype)
 
 
+def fill_peft_lora(delta, layer, adapter: str, scaling: float) -> None:
+    """Copy a module's ``lora_A``/``lora_B`` (and check its scaling) into peft's LoRA ``layer``:
+    LoRA's and every kind whose low-rank part a peft LoRA layer carries."""
+    if abs(scaling - delta.scaling) > 1e-12 * max(1.0, abs(delta.scaling)):
+        raise StructureError(f"peft scales a LoRA by {scaling}, s3pet by {delta.scaling}: "
+                             "rank_pattern/alpha_pattern did not match it")
+    layer.lora_A[adapter].weight.copy_(delta.lora_A)
+    layer.lora_B[adapter].weight.copy_(delta.lora_B)
+
+
 @register
 class LoRAKind(DeltaKind):
     name = "lora"
@@ -66,8 +76,4 @@ class LoRAKind(DeltaKind):
         return int(spec.units), float(spec.params["alpha"])
 
     def peft_fill(self, delta, layer, adapter, scaling):
-        if abs(scaling - delta.scaling) > 1e-12 * max(1.0, abs(delta.scaling)):
-            raise StructureError(f"peft scales a LoRA by {scaling}, s3pet by {delta.scaling}: "
-                                 "rank_pattern/alpha_pattern did not match it")
-        layer.lora_A[adapter].weight.copy_(delta.lora_A)
-        layer.lora_B[adapter].weight.copy_(delta.lora_B)
+        fill_peft_lora(delta, layer, adapter, scaling)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from s3pet.deltas.base import MAX_UNITS, Delta, DeltaKind, expand, project, register
+from s3pet.deltas.lora import fill_peft_lora
 from s3pet.errors import ConfigError, StructureError
 
 UNSET = -1  # a support not chosen yet (the module was never attached)
@@ -175,8 +176,4 @@ class SparseLoRAKind(DeltaKind):
         return (low, float(spec.params["alpha"])) if low else None
 
     def peft_fill(self, delta, layer, adapter, scaling):
-        if abs(scaling - delta.scaling) > 1e-12 * max(1.0, abs(delta.scaling)):
-            raise StructureError(f"peft scales a LoRA by {scaling}, s3pet by {delta.scaling}: "
-                                 "rank_pattern/alpha_pattern did not match it")
-        layer.lora_A[adapter].weight.copy_(delta.lora_A)
-        layer.lora_B[adapter].weight.copy_(delta.lora_B)
+        fill_peft_lora(delta, layer, adapter, scaling)
