@@ -323,6 +323,9 @@ def train_structure(structure: S.Structure | None, task: str, model: str, out: s
         if cfg.dp and len(deltaset.shared):
             raise ConfigError(f"--dp does not support shared tensors ({', '.join(sorted({t['kind'] for t in structure.shared}))}"
                               "): every module uses them, and per-example gradients are taken module by module")
+        if cfg.dp and sum(p.numel() for p in deltaset.parameters()) != deltaset.kept_params():
+            raise ConfigError("--dp does not support modules trained through a reparametrisation (a prefix with its "
+                              "MLP): per-example gradients are taken of the kept tensors; set \"mlp\": false")
     tm = TaskModel(backbone, td.card, tok, pooling=cfg.pooling)
     groups = {"head": tm.head_parameters()}
     if full:

@@ -277,6 +277,13 @@ def test_retrain_saves_only_the_prefixes(tmp_path, toy):
     run.deltas.detach()
 
 
+def test_dp_refuses_a_prefix_trained_through_its_mlp(tmp_path, toy):
+    st, _ = prefix_structure("tiny-bert", n_prefix=4)
+    with pytest.raises(ConfigError, match="--dp does not support modules trained through a reparametrisation"):
+        retrain(st, toy, tmp_path / "dp", TrainConfig(max_steps=2, batch_size=8, progress=False, dp=True))
+    assert not (tmp_path / "dp").exists()  # refused before the folder is made
+
+
 def test_tiny_search_with_prefix(tmp_path, toy):
     space = tmp_path / "space.json"
     space.write_text(json.dumps({"name": "pfx", "entries": [{"kind": "prefix", "roles": ["attn.core"], "n_prefix": 2},
