@@ -120,24 +120,44 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+SEARCHED = SEARCH_METHODS + ("optuna",)  # methods whose runs retrain a structure found first
+
+
+def search_state(out: Path, task: str, method: str, budget: str, seed: int) -> str | None:
+    """None for methods without a search; else "done", "failed" or "todo" for that seed's search."""
+    if method not in SEARCHED:
+        return None
+    base = run_dir(out, task, method, budget, seed, 1.0).parent
+    found = base / ("optuna/best_structure.json" if method == "optuna" else "search/structure.json")
+    if found.is_file():
+        return "done"
+    return "failed" if (base / "search-failed.json").is_file() else "todo"
+
+
 def pending_jobs(out: Path, args) -> list[dict]:
-    """Runs not done yet whose inputs are ready: the lr sweep first, then the other seeds at the chosen rate."""
+    """Runs not done yet whose inputs are ready: the lr sweep first, then the other seeds at the chosen rate.
+
+    A search method's seed first gets a search job of its own (``scales`` empty, ``search`` true; it
+    does not wait for the learning rate, which only the retrains use), then one retrain job per rate,
+    so that no job is longer than one search or one training and the retrains run side by side."""
     todo = []
     for task, method, budget in cells(args):
         sweep = [s for s in seeds_for(args, task) if s in args.lr_seeds] or args.lr_seeds
-        for seed in sweep:
-            missing = [sc for sc in args.lr_grid if read_result(run_dir(out, task, method, budget, seed, sc)) is None]
-            if missing and (method in SEARCH_METHODS or method == "optuna"):  # one search serves every rate
-                todo.append({"task": task, "method": method, "budget": budget, "seed": seed, "scales": missing})
-            else:
-                todo += [{"task": task, "method": method, "budget": budget, "seed": seed, "scales": [sc]}
-                         for sc in missing]
         scale = chosen_scale(out, args, task, method, budget)
-        if scale is None:
-            continue
-        for seed in seeds_for(args, task):
-            if seed not in args.lr_seeds and read_result(run_dir(out, task, method, budget, seed, scale)) is None:
-                todo.append({"task": task, "method": method, "budget": budget, "seed": seed, "scales": [scale]})
+        for seed in dict.fromkeys(sweep + seeds_for(args, task)):
+            if seed in sweep:
+                missing = [sc for sc in args.lr_grid if read_result(run_dir(out, task, method, budget, seed, sc)) is None]
+            elif scale is None:
+                missing = [None]  # a run will be needed once the rate is chosen
+            else:
+                missing = [] if read_result(run_dir(out, task, method, budget, seed, scale)) else [scale]
+            if not missing:
+                continue
+            job = {"task": task, "method": method, "budget": budget, "seed": seed}
+            if search_state(out, task, method, budget, seed) == "todo":
+                todo.append({**job, "scales": [], "search": True})
+                continue
+            todo += [{**job, "scales": [sc]} for sc in missing if sc is not None]
     return todo
 
 
@@ -152,17 +172,18 @@ TRAIN_SIZES = {"rte": 2490, "mrpc": 3668, "cola": 8551, "stsb": 5749, "sst2": 65
 
 
 def job_steps(args, job: dict) -> int:
-    """Optimizer steps a job will take (every training it runs; a search counts as one more)."""
+    """Optimizer steps a job will take: one per training it runs, or its search's (a search step
+    costs about one training step per restart)."""
     epochs, _ = recipe(args, job["task"])
     n = TRAIN_SIZES.get(job["task"], 10_000)
     if args.max_train_samples:
         n = min(n, args.max_train_samples)
     runs = float(len(job["scales"]))
-    if job["method"] in SEARCH_METHODS:  # a search step costs about one training step per restart
+    if job.get("search") and job["method"] in SEARCH_METHODS:
         over = ABLATIONS.get(job["method"], {})
         runs += over.get("epochs_factor", 1.0) * over.get("restarts", 1) * (0.0 if over.get("selector") else 1.0)
         runs += over.get("warmup_epochs", 0.0) / max(epochs, 1.0)
-    elif job["method"] == "optuna":
+    elif job.get("search"):  # optuna: its trials
         runs += args.optuna_trials
     return int(runs * epochs * math.ceil(n / 32))
 
@@ -205,7 +226,10 @@ def run_job(job: dict, args_dict: dict) -> list[dict]:
     base = run_dir(Path(args.out), task, method, budget, seed, 1.0).parent
     base.mkdir(parents=True, exist_ok=True)
     recs, structure, search_cost, err = [], None, None, None
+    failed = base / "search-failed.json"
     try:
+        if failed.is_file():  # an earlier search job of this seed failed: its retrains fail with it
+            raise RuntimeError(json.loads(failed.read_text())["error"])
         if method in SEARCH_METHODS:
             scfg = search_config(args, method, task, seed)
             space = "s3pet-m" if method in ABLATIONS else method
@@ -227,6 +251,15 @@ def run_job(job: dict, args_dict: dict) -> list[dict]:
             search_cost = json.loads((base / "optuna" / "cost.json").read_text())
     except Exception as e:  # the search failed: every lr run of this job fails with it
         err = e
+    if job.get("search"):  # a search job: the retrains are jobs of their own
+        if err is not None and not failed.is_file():
+            failed.write_text(json.dumps({"error": f"{type(err).__name__}: {err}",
+                                          "trace": traceback.format_exc()[-2000:]}))
+        if not args.keep_weights:
+            for f in base.glob("*/search.pt"):
+                f.unlink()
+        return [{"task": task, "method": method, "budget": budget, "seed": seed, "search": True,
+                 "status": "failed" if err is not None else "ok", "error": str(err) if err else ""}]
     for scale in job["scales"]:
         d = run_dir(Path(args.out), task, method, budget, seed, scale)
         rec = {"task": task, "method": method, "budget": budget, "seed": seed, "lr_scale": scale}
@@ -530,6 +563,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def _key(job: dict, scale) -> tuple:
+    return job["task"], job["method"], job["budget"], job["seed"], scale
+
+
 def run_grid(out: Path, args) -> None:
     import multiprocessing as mp
 
@@ -544,13 +581,13 @@ def run_grid(out: Path, args) -> None:
     with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as ex:
         while True:
             left = args.time_limit - (time.time() - t0) if args.time_limit else math.inf
-            busy = {(j["task"], j["method"], j["budget"], j["seed"], tuple(j["scales"])) for j in running.values()}
+            busy = {_key(j, scale) for j in running.values() for scale in (j["scales"] or ["search"])}
             todo = [j for j in pending_jobs(out, args)
-                    if (j["task"], j["method"], j["budget"], j["seed"], tuple(j["scales"])) not in busy
-                    and not any(set(j["scales"]) & set(b[4]) and j["task"] == b[0] and j["method"] == b[1]
-                                and j["budget"] == b[2] and j["seed"] == b[3] for b in busy)]
+                    if not any(_key(j, scale) in busy for scale in (j["scales"] or ["search"]))]
             todo = [j for j in todo if 1.3 * job_steps(args, j) * per_step < left]  # 30% margin: load, eval
-            todo.sort(key=lambda j: (j["seed"] not in args.lr_seeds, weight.get(j["task"], 9), j["method"]))
+            # searches first (their retrains wait for them), then the lr sweeps, long tasks first
+            todo.sort(key=lambda j: (not j.get("search"), j["seed"] not in args.lr_seeds, weight.get(j["task"], 9),
+                                     j["method"]))
             for j in todo[:max(0, args.workers - len(running))]:
                 running[ex.submit(run_job, j, ad)] = j
             if not running:
@@ -559,6 +596,10 @@ def run_grid(out: Path, args) -> None:
             for f in fin:
                 running.pop(f)
                 for r in f.result():
+                    if r.get("search"):
+                        print(f"[{time.time() - t0:6.0f}s] {r['task']}/{r['method']}/{r['budget']}/s{r['seed']}/"
+                              f"search: {r['status']} {r['error']}", flush=True)
+                        continue
                     if r.get("status") == "ok" and r.get("steps"):
                         seen.append(r["seconds"] / r["steps"])
                         per_step = statistics.median(seen)

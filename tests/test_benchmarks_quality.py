@@ -56,17 +56,45 @@ def test_ties_prefer_the_known_good_rate_and_failures_never_win(tmp_path):
     assert Q.chosen_scale(out, a, "rte", "full", "-") == 2.0
 
 
-def test_search_methods_share_one_search_across_rates(tmp_path):
+def test_search_methods_search_every_seed_first_then_retrain_each_rate_apart(tmp_path):
     a = Q.parse(["--model", "m", "--data-dir", "d", "--out", str(tmp_path / "q"), "--tasks", "cb",
-                 "--budgets", "0.01%", "--methods", "s3pet-m"])
-    jobs = Q.pending_jobs(Path(a.out), a)
-    assert len(jobs) == 1 and jobs[0]["scales"] == [0.5, 1.0, 2.0]
-    # cb: 20 epochs of 250 examples at batch 32 = 160 steps per training; the search adds one more
-    assert Q.job_steps(a, jobs[0]) == 4 * 160
-    job = dict(jobs[0], scales=[1.0])
-    assert Q.job_steps(a, {**job, "method": "s3pet-restarts3"}) == (1 + 3) * 160  # three searches
-    assert Q.job_steps(a, {**job, "method": "s3pet-long3"}) == (1 + 3) * 160  # one of 3x the length
-    assert Q.job_steps(a, {**job, "method": "s3pet-sens-select"}) == 160 + 160 // 20  # a 1-epoch warm-up only
+                 "--budgets", "0.01%", "--methods", "s3pet-m", "--small-seeds", "0,1"])
+    out = Path(a.out)
+    jobs = Q.pending_jobs(out, a)
+    # one search job per seed, seed 1's too: a search does not wait for the learning rate
+    assert [(j["seed"], j["scales"], j.get("search")) for j in jobs] == [(0, [], True), (1, [], True)]
+    # cb: 20 epochs of 250 examples at batch 32 = 160 steps per training; a search costs one more
+    assert Q.job_steps(a, jobs[0]) == 160
+    job = jobs[0]
+    assert Q.job_steps(a, {**job, "method": "s3pet-restarts3"}) == 3 * 160  # three searches
+    assert Q.job_steps(a, {**job, "method": "s3pet-long3"}) == 3 * 160  # one of 3x the length
+    assert Q.job_steps(a, {**job, "method": "s3pet-sens-select"}) == 160 // 20  # a 1-epoch warm-up only
+    for seed in (0, 1):  # both searches done: seed 0's three rates are three jobs; seed 1 waits for the rate
+        s = Q.run_dir(out, "cb", "s3pet-m", "0.01%", seed, 1.0).parent / "search"
+        s.mkdir(parents=True)
+        (s / "structure.json").write_text("{}")
+    jobs = Q.pending_jobs(out, a)
+    assert sorted((j["seed"], j["scales"][0]) for j in jobs) == [(0, 0.5), (0, 1.0), (0, 2.0)]
+    assert not any(j.get("search") for j in jobs) and Q.job_steps(a, jobs[0]) == 160
+    for sc, v in ((0.5, 0.1), (1.0, 0.3), (2.0, 0.2)):
+        _done(out, "cb", "s3pet-m", "0.01%", 0, sc, v)
+    assert [(j["seed"], j["scales"]) for j in Q.pending_jobs(out, a)] == [(1, [1.0])]
+
+
+def test_a_failed_search_fails_its_retrains_once_instead_of_being_retried(tmp_path):
+    a = Q.parse(["--model", str(tmp_path / "no-such-model"), "--data-dir", "d", "--out", str(tmp_path / "q"),
+                 "--tasks", "cb", "--budgets", "0.1%", "--methods", "s3pet-m", "--small-seeds", "0",
+                 "--lr-grid", "1"])
+    out = Path(a.out)
+    ad = {k: v for k, v in vars(a).items() if k != "budgets_order"}
+    (job,) = Q.pending_jobs(out, a)
+    (rec,) = Q.run_job(job, ad)
+    assert rec["search"] and rec["status"] == "failed" and "no-such-model" in rec["error"]
+    (job,) = Q.pending_jobs(out, a)  # not searched again: the retrain runs and records the failure
+    assert job["scales"] == [1.0] and not job.get("search")
+    (rec,) = Q.run_job(job, ad)
+    assert rec["status"] == "failed" and "no-such-model" in rec["error"]
+    assert Q.pending_jobs(out, a) == []
 
 
 def test_report_keeps_the_results_shape_and_pairs_methods(tmp_path):
@@ -133,8 +161,8 @@ def test_every_ablation_is_a_method_with_a_valid_search_config(tmp_path):
                 assert getattr(cfg, k) == v, (name, k)
         changed = {k for k in vars(cfg) if getattr(cfg, k) != getattr(base, k)} - {"seed"}
         assert changed and changed <= set(over) | {"epochs"}, name
-    # ablation searches are shared across learning rates like s3pet-m's
+    # ablations are searches like s3pet-m's: a search job before the retrains
     jobs = Q.pending_jobs(Path(a.out), a)
-    assert {j["method"] for j in jobs if len(j["scales"]) == 3} == {"s3pet-m", *Q.ABLATIONS}
+    assert {j["method"] for j in jobs if j.get("search")} == {"s3pet-m", *Q.ABLATIONS}
     # the default grid is unchanged: ablations run only when named
     assert Q.parse(["--model", "m", "--data-dir", "d", "--out", str(tmp_path)]).methods == list(Q.DEFAULT_METHODS)
