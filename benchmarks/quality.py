@@ -172,20 +172,20 @@ TRAIN_SIZES = {"rte": 2490, "mrpc": 3668, "cola": 8551, "stsb": 5749, "sst2": 65
 
 
 def job_steps(args, job: dict) -> int:
-    """Optimizer steps a job will take: one per training it runs, or its search's (a search step
-    costs about one training step per restart)."""
+    """Optimizer steps a job will take: its trainings' or, for a search job, its search's (over
+    D_w, half the training set: alpha steps ride along; restarts and warm-up count)."""
     epochs, _ = recipe(args, job["task"])
     n = TRAIN_SIZES.get(job["task"], 10_000)
     if args.max_train_samples:
         n = min(n, args.max_train_samples)
-    runs = float(len(job["scales"]))
-    if job.get("search") and job["method"] in SEARCH_METHODS:
-        over = ABLATIONS.get(job["method"], {})
-        runs += over.get("epochs_factor", 1.0) * over.get("restarts", 1) * (0.0 if over.get("selector") else 1.0)
-        runs += over.get("warmup_epochs", 0.0) / max(epochs, 1.0)
-    elif job.get("search"):  # optuna: its trials
-        runs += args.optuna_trials
-    return int(runs * epochs * math.ceil(n / 32))
+    if not job.get("search"):
+        return int(len(job["scales"]) * epochs * math.ceil(n / 32))
+    if job["method"] == "optuna":  # its trials are trainings
+        return int(args.optuna_trials * epochs * math.ceil(n / 32))
+    over = ABLATIONS.get(job["method"], {})
+    runs = over.get("epochs_factor", 1.0) * over.get("restarts", 1) * (0.0 if over.get("selector") else 1.0)
+    runs += over.get("warmup_epochs", 0.0) / max(epochs, 1.0)
+    return int(runs * epochs * math.ceil(math.ceil(n / 2) / 32))
 
 
 def train_config(args, task: str, seed: int, scale: float):
@@ -258,8 +258,11 @@ def run_job(job: dict, args_dict: dict) -> list[dict]:
         if not args.keep_weights:
             for f in base.glob("*/search.pt"):
                 f.unlink()
-        return [{"task": task, "method": method, "budget": budget, "seed": seed, "search": True,
-                 "status": "failed" if err is not None else "ok", "error": str(err) if err else ""}]
+        rec = {"task": task, "method": method, "budget": budget, "seed": seed, "search": True,
+               "status": "failed" if err is not None else "ok", "error": str(err) if err else ""}
+        if err is None and method in SEARCH_METHODS:
+            rec.update(seconds=search_cost.get("seconds"), steps=sm.get("steps"))
+        return [rec]
     for scale in job["scales"]:
         d = run_dir(Path(args.out), task, method, budget, seed, scale)
         rec = {"task": task, "method": method, "budget": budget, "seed": seed, "lr_scale": scale}
@@ -528,6 +531,8 @@ def parse(argv=None):
     p.add_argument("--time-limit", type=float, default=0,
                    help="seconds: launch only runs expected to end within it (0 = no limit)")
     p.add_argument("--seconds-per-step", type=float, default=0.045, help="first guess of a worker's step time")
+    p.add_argument("--seconds-per-search-step", type=float, default=0.3,
+                   help="first guess of a search step's (15 searches sharing one H200 took 0.27-0.3 s)")
     p.add_argument("--merge", action="append", default=[], help="another call's output folder or .tar.gz")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--anchors", default=None, help="the reference script's JSON lines: compare shape by shape")
@@ -577,14 +582,14 @@ def run_grid(out: Path, args) -> None:
     # Seconds per optimizer step of one worker while the GPU is shared, measured as runs finish
     # (the first guess is what 14 workers on one H200 gave; a search counts its length and restarts): with --time-limit a job starts only
     # if it should end in time, so that no run is killed half-way.
-    per_step, seen = args.seconds_per_step, []
+    per_step, seen = {False: args.seconds_per_step, True: args.seconds_per_search_step}, {False: [], True: []}
     with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as ex:
         while True:
             left = args.time_limit - (time.time() - t0) if args.time_limit else math.inf
             busy = {_key(j, scale) for j in running.values() for scale in (j["scales"] or ["search"])}
             todo = [j for j in pending_jobs(out, args)
                     if not any(_key(j, scale) in busy for scale in (j["scales"] or ["search"]))]
-            todo = [j for j in todo if 1.3 * job_steps(args, j) * per_step < left]  # 30% margin: load, eval
+            todo = [j for j in todo if 1.3 * job_steps(args, j) * per_step[bool(j.get("search"))] < left]  # 30%: load, eval
             # searches first (their retrains wait for them), then the lr sweeps, long tasks first
             todo.sort(key=lambda j: (not j.get("search"), j["seed"] not in args.lr_seeds, weight.get(j["task"], 9),
                                      j["method"]))
@@ -596,13 +601,14 @@ def run_grid(out: Path, args) -> None:
             for f in fin:
                 running.pop(f)
                 for r in f.result():
-                    if r.get("search"):
+                    kind = bool(r.get("search"))
+                    if r.get("status") == "ok" and r.get("steps") and r.get("seconds"):
+                        seen[kind].append(r["seconds"] / r["steps"])
+                        per_step[kind] = statistics.median(seen[kind])
+                    if kind:
                         print(f"[{time.time() - t0:6.0f}s] {r['task']}/{r['method']}/{r['budget']}/s{r['seed']}/"
                               f"search: {r['status']} {r['error']}", flush=True)
                         continue
-                    if r.get("status") == "ok" and r.get("steps"):
-                        seen.append(r["seconds"] / r["steps"])
-                        per_step = statistics.median(seen)
                     print(f"[{time.time() - t0:6.0f}s] {r['task']}/{r['method']}/{r['budget']}/s{r['seed']}/"
                           f"lr{r['lr_scale']:g}: {r['status']} {r.get('test', r.get('error', ''))}", flush=True)
 

@@ -63,12 +63,13 @@ def test_search_methods_search_every_seed_first_then_retrain_each_rate_apart(tmp
     jobs = Q.pending_jobs(out, a)
     # one search job per seed, seed 1's too: a search does not wait for the learning rate
     assert [(j["seed"], j["scales"], j.get("search")) for j in jobs] == [(0, [], True), (1, [], True)]
-    # cb: 20 epochs of 250 examples at batch 32 = 160 steps per training; a search costs one more
-    assert Q.job_steps(a, jobs[0]) == 160
+    # cb: a training is 20 epochs of 250 examples at batch 32 = 160 steps; a search 20 epochs over
+    # D_w, half of them: 80 steps
+    assert Q.job_steps(a, jobs[0]) == 80
     job = jobs[0]
-    assert Q.job_steps(a, {**job, "method": "s3pet-restarts3"}) == 3 * 160  # three searches
-    assert Q.job_steps(a, {**job, "method": "s3pet-long3"}) == 3 * 160  # one of 3x the length
-    assert Q.job_steps(a, {**job, "method": "s3pet-sens-select"}) == 160 // 20  # a 1-epoch warm-up only
+    assert Q.job_steps(a, {**job, "method": "s3pet-restarts3"}) == 3 * 80  # three searches
+    assert Q.job_steps(a, {**job, "method": "s3pet-long3"}) == 3 * 80  # one of 3x the length
+    assert Q.job_steps(a, {**job, "method": "s3pet-sens-select"}) == 80 // 20  # a 1-epoch warm-up only
     for seed in (0, 1):  # both searches done: seed 0's three rates are three jobs; seed 1 waits for the rate
         s = Q.run_dir(out, "cb", "s3pet-m", "0.01%", seed, 1.0).parent / "search"
         s.mkdir(parents=True)
