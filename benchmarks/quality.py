@@ -512,7 +512,7 @@ def parse(argv=None):
     p.add_argument("--data-dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--budgets", default=",".join(BUDGETS))
+    p.add_argument("--budgets", default=",".join(BUDGETS), help="run in this order (the first named first)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="also: " + ", ".join(ABLATIONS))
     p.add_argument("--seeds", default="0,1,2", help="seeds of every task but the small ones")
     p.add_argument("--small-seeds", default="0,1,2,3,4", help=f"seeds of {', '.join(SMALL)}")
@@ -590,9 +590,10 @@ def run_grid(out: Path, args) -> None:
             todo = [j for j in pending_jobs(out, args)
                     if not any(_key(j, scale) in busy for scale in (j["scales"] or ["search"]))]
             todo = [j for j in todo if 1.3 * job_steps(args, j) * per_step[bool(j.get("search"))] < left]  # 30%: load, eval
-            # searches first (their retrains wait for them), then the lr sweeps, long tasks first
-            todo.sort(key=lambda j: (not j.get("search"), j["seed"] not in args.lr_seeds, weight.get(j["task"], 9),
-                                     j["method"]))
+            # budgets in the order named; searches first (their retrains wait for them), then the lr
+            # sweeps, long tasks first
+            todo.sort(key=lambda j: (args.budgets_order(j["budget"]), not j.get("search"),
+                                     j["seed"] not in args.lr_seeds, weight.get(j["task"], 9), j["method"]))
             for j in todo[:max(0, args.workers - len(running))]:
                 running[ex.submit(run_job, j, ad)] = j
             if not running:
