@@ -21,8 +21,9 @@ without weight decay, linear schedule with 6% warm-up, gradient clip 1.0, bf16 a
 GPU, 10 epochs (CB 20, SST-2 2), max length 256 for RTE and CB and 128 otherwise, validation
 after every epoch, test at the best validation epoch; the model's own pooler and classifier.
 
-Methods: ``s3pet-m`` / ``unified`` (search in that space, then retrain the derived
-structure), ``random`` (a random structure of s3pet-m, a different one per seed), ``lora``,
+Methods: ``s3pet`` (the default search recipe, ``SearchConfig()``, in the s3pet-m space; runs
+before 2026-12-02 named it ``s3pet-m``, and ``merge`` renames them) / ``unified`` (the same in the
+unified space), then retrain the derived structure; ``random`` (a random structure of s3pet-m, a different one per seed), ``lora``,
 ``lora-all``, ``adapter``, ``bitfit``, ``lnfit`` (hand-designed, sized to the budget), ``full``
 (every weight), ``optuna`` (Optuna/TPE over s3pet-m, ``--optuna-trials`` retrains), and the
 references run through peft itself: ``peft-lora-r8-qv``, ``peft-lora-all-r1`` (fixed shapes)
@@ -48,8 +49,8 @@ from pathlib import Path
 TASKS = ("rte", "mrpc", "cola", "stsb", "sst2", "cb")
 SMALL = ("rte", "cb")  # the tasks whose scores swing most between seeds: more seeds
 BUDGETS = ("0.01%", "0.1%", "1%")
-#: search ablations: the s3pet-m space with SearchConfig overrides (``epochs_factor`` multiplies
-#: the search length); paired with s3pet-m on the same seeds. Not run on a GPU yet.
+#: search ablations: ``s3pet`` (the s3pet-m space, the default recipe) with SearchConfig overrides
+#: (``epochs_factor`` multiplies the search length); paired with s3pet on the same seeds.
 ABLATIONS = {
     "s3pet-warmup": {"warmup_epochs": 1.0},  # PET weights and head first, gates fixed
     "s3pet-sens-init": {"warmup_epochs": 1.0, "alpha_init": "sensitivity"},  # alpha from |z dL/dz|
@@ -64,10 +65,12 @@ ABLATIONS = {
     "s3pet-kindlr": {"kind_lr_scale": 3.0},  # each kind at 3x its retrain rate (LoRA 1.5e-3, others 3e-3)
     "s3pet-recipe": {"warmup_epochs": 1.0, "alpha_init": "sensitivity", "temperature_final": 0.1, "alpha_accum": 4},
 }
-DEFAULT_METHODS = ("s3pet-m", "unified", "random", "lora", "lora-all", "adapter", "bitfit", "lnfit", "full",
+DEFAULT_METHODS = ("s3pet", "unified", "random", "lora", "lora-all", "adapter", "bitfit", "lnfit", "full",
                    "optuna", "peft-lora-r8-qv", "peft-lora-all-r1", "adalora")
 METHODS = DEFAULT_METHODS + tuple(ABLATIONS)  # ablations run only when named in --methods
-SEARCH_METHODS = ("s3pet-m", "unified") + tuple(ABLATIONS)
+SEARCH_METHODS = ("s3pet", "unified") + tuple(ABLATIONS)
+SPACES = {"s3pet": "s3pet-m", "unified": "unified"}  # the space each search method searches (ablations: s3pet's)
+RENAMED = {"s3pet-m": "s3pet"}  # method names of older runs
 FIXED_SHAPE = ("full", "peft-lora-r8-qv", "peft-lora-all-r1")  # budget-independent: one row in every table
 #: epochs and max length per task, as the reference recipe sets them
 RECIPE = {"rte": (10, 256), "mrpc": (10, 128), "cola": (10, 128), "stsb": (10, 128), "sst2": (2, 128),
@@ -205,7 +208,8 @@ def search_config(args, method: str, task: str, seed: int):
     over = dict(ABLATIONS.get(method, {}))
     factor = over.pop("epochs_factor", 1.0)
     return SearchConfig(**{"epochs": float(args.search_epochs or epochs) * factor, "batch_size": 32,
-                           "w_lr": args.w_lr, "alpha_lr": args.alpha_lr, "seed": seed,
+                           "seed": seed, **{k: v for k, v in (("w_lr", args.w_lr), ("alpha_lr", args.alpha_lr))
+                                            if v is not None},
                            "max_train_samples": args.max_train_samples, "max_length": max_len, "progress": False,
                            "compile": "off", "pooling": args.pooling, **over})
 
@@ -232,7 +236,7 @@ def run_job(job: dict, args_dict: dict) -> list[dict]:
             raise RuntimeError(json.loads(failed.read_text())["error"])
         if method in SEARCH_METHODS:
             scfg = search_config(args, method, task, seed)
-            space = "s3pet-m" if method in ABLATIONS else method
+            space = SPACES.get(method, SPACES["s3pet"])
             if not (base / "search" / "structure.json").is_file():
                 sm = search(args.model, task, space, budget, base / "search", scfg, data_dir=args.data_dir,
                             overwrite=True)
@@ -479,6 +483,13 @@ def _plot(runs, tasks, methods, budgets, path: Path) -> None:
 
 # --------------------------------------------------------------------------- merging calls
 
+def _renamed(rel: Path) -> Path:
+    """``runs/TASK/METHOD/...`` with an older method name replaced by its current one."""
+    parts = list(rel.parts)
+    parts[2] = RENAMED.get(parts[2], parts[2])
+    return Path(*parts)
+
+
 def merge(out: Path, source: Path) -> int:
     """Copy into ``out`` every finished run of ``source`` (an output folder or a .tar.gz of one)
     that ``out`` lacks; returns how many were copied. Runs present in both are kept as they are."""
@@ -492,12 +503,16 @@ def merge(out: Path, source: Path) -> int:
         source = min(roots, key=lambda p: len(p.parts)) if roots else tmp
     n = 0
     for res in sorted((source / "runs").glob("*/*/*/seed*/lr*/result.json")):
-        rel = res.parent.relative_to(source)
+        rel = _renamed(res.parent.relative_to(source))
         if not (out / rel / "result.json").exists():
             shutil.copytree(res.parent, out / rel, dirs_exist_ok=True)
+            rec = json.loads((out / rel / "result.json").read_text())
+            if rec.get("method") in RENAMED:
+                rec["method"] = RENAMED[rec["method"]]
+                (out / rel / "result.json").write_text(json.dumps(rec, indent=2, sort_keys=True, default=str))
             n += 1
     for srch in sorted((source / "runs").glob("*/*/*/seed*/*/structure.json")):  # finished searches
-        rel = srch.parent.relative_to(source)
+        rel = _renamed(srch.parent.relative_to(source))
         if not (out / rel / "structure.json").exists():
             shutil.copytree(srch.parent, out / rel, dirs_exist_ok=True)
     if tmp is not None:
@@ -520,8 +535,8 @@ def parse(argv=None):
     p.add_argument("--lr-seeds", default="0", help="seeds on which the learning rate is chosen (validation)")
     p.add_argument("--pooling", default="auto", choices=["auto", "pooler", "mean"])
     p.add_argument("--search-epochs", type=float, default=0, help="0 = as many as the retrain")
-    p.add_argument("--w-lr", type=float, default=3e-3)
-    p.add_argument("--alpha-lr", type=float, default=0.1)
+    p.add_argument("--w-lr", type=float, default=None, help="the search's PET rate (default: SearchConfig's)")
+    p.add_argument("--alpha-lr", type=float, default=None, help="the search's gate-logit rate (default: SearchConfig's)")
     p.add_argument("--max-train-samples", type=int, default=0, help="0 = whole training sets")
     p.add_argument("--max-length", type=int, default=0, help="0 = the recipe's per task")
     p.add_argument("--epochs", type=float, default=0, help="0 = the recipe's per task")

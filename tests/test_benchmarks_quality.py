@@ -58,7 +58,7 @@ def test_ties_prefer_the_known_good_rate_and_failures_never_win(tmp_path):
 
 def test_search_methods_search_every_seed_first_then_retrain_each_rate_apart(tmp_path):
     a = Q.parse(["--model", "m", "--data-dir", "d", "--out", str(tmp_path / "q"), "--tasks", "cb",
-                 "--budgets", "0.01%", "--methods", "s3pet-m", "--small-seeds", "0,1"])
+                 "--budgets", "0.01%", "--methods", "s3pet", "--small-seeds", "0,1"])
     out = Path(a.out)
     jobs = Q.pending_jobs(out, a)
     # one search job per seed, seed 1's too: a search does not wait for the learning rate
@@ -71,20 +71,20 @@ def test_search_methods_search_every_seed_first_then_retrain_each_rate_apart(tmp
     assert Q.job_steps(a, {**job, "method": "s3pet-long3"}) == 3 * 80  # one of 3x the length
     assert Q.job_steps(a, {**job, "method": "s3pet-sens-select"}) == 80 // 20  # a 1-epoch warm-up only
     for seed in (0, 1):  # both searches done: seed 0's three rates are three jobs; seed 1 waits for the rate
-        s = Q.run_dir(out, "cb", "s3pet-m", "0.01%", seed, 1.0).parent / "search"
+        s = Q.run_dir(out, "cb", "s3pet", "0.01%", seed, 1.0).parent / "search"
         s.mkdir(parents=True)
         (s / "structure.json").write_text("{}")
     jobs = Q.pending_jobs(out, a)
     assert sorted((j["seed"], j["scales"][0]) for j in jobs) == [(0, 0.5), (0, 1.0), (0, 2.0)]
     assert not any(j.get("search") for j in jobs) and Q.job_steps(a, jobs[0]) == 160
     for sc, v in ((0.5, 0.1), (1.0, 0.3), (2.0, 0.2)):
-        _done(out, "cb", "s3pet-m", "0.01%", 0, sc, v)
+        _done(out, "cb", "s3pet", "0.01%", 0, sc, v)
     assert [(j["seed"], j["scales"]) for j in Q.pending_jobs(out, a)] == [(1, [1.0])]
 
 
 def test_a_failed_search_fails_its_retrains_once_instead_of_being_retried(tmp_path):
     a = Q.parse(["--model", str(tmp_path / "no-such-model"), "--data-dir", "d", "--out", str(tmp_path / "q"),
-                 "--tasks", "cb", "--budgets", "0.1%", "--methods", "s3pet-m", "--small-seeds", "0",
+                 "--tasks", "cb", "--budgets", "0.1%", "--methods", "s3pet", "--small-seeds", "0",
                  "--lr-grid", "1"])
     out = Path(a.out)
     ad = {k: v for k, v in vars(a).items() if k != "budgets_order"}
@@ -124,7 +124,7 @@ def test_merge_brings_in_another_calls_runs_from_a_folder_or_a_tarball(tmp_path)
     _done(a, "rte", "lora", "0.1%", 0, 1.0, 0.5)
     _done(b, "rte", "lora", "0.1%", 0, 1.0, 0.9)  # present in both: a keeps its own
     _done(b, "rte", "lora", "0.1%", 1, 1.0, 0.8)
-    s = Q.run_dir(b, "rte", "s3pet-m", "0.1%", 0, 1.0).parent / "search"
+    s = Q.run_dir(b, "rte", "s3pet", "0.1%", 0, 1.0).parent / "search"
     s.mkdir(parents=True)
     (s / "structure.json").write_text("{}")
     with tarfile.open(tmp_path / "b.tgz", "w:gz") as tf:
@@ -132,9 +132,23 @@ def test_merge_brings_in_another_calls_runs_from_a_folder_or_a_tarball(tmp_path)
     assert Q.merge(a, tmp_path / "b.tgz") == 1
     assert json.loads((Q.run_dir(a, "rte", "lora", "0.1%", 0, 1.0) / "result.json").read_text())["validation"] == 0.5
     assert (Q.run_dir(a, "rte", "lora", "0.1%", 1, 1.0) / "result.json").is_file()
-    assert (Q.run_dir(a, "rte", "s3pet-m", "0.1%", 0, 1.0).parent / "search" / "structure.json").is_file()
+    assert (Q.run_dir(a, "rte", "s3pet", "0.1%", 0, 1.0).parent / "search" / "structure.json").is_file()
     assert not (a / ".merge-tmp").exists()
     assert Q.merge(a, b) == 0  # from a folder: nothing new any more
+
+
+def test_merge_renames_the_runs_of_an_older_method_name(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    d = Q.run_dir(b, "cb", "s3pet-m", "0.1%", 0, 1.0)
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps({"task": "cb", "method": "s3pet-m", "budget": "0.1%", "seed": 0}))
+    (d.parent / "search").mkdir()
+    (d.parent / "search" / "structure.json").write_text("{}")
+    assert Q.merge(a, b) == 1
+    new = Q.run_dir(a, "cb", "s3pet", "0.1%", 0, 1.0)
+    assert json.loads((new / "result.json").read_text())["method"] == "s3pet"
+    assert (new.parent / "search" / "structure.json").is_file()
+    assert not (a / "runs" / "cb" / "s3pet-m").exists()
 
 
 def test_unknown_method_is_refused(tmp_path):
@@ -147,10 +161,14 @@ def test_every_ablation_is_a_method_with_a_valid_search_config(tmp_path):
 
     names = ",".join(Q.ABLATIONS)
     a = Q.parse(["--model", "m", "--data-dir", "d", "--out", str(tmp_path), "--tasks", "rte", "--methods",
-                 f"s3pet-m,{names},random"])
-    base = Q.search_config(a, "s3pet-m", "rte", 0)
+                 f"s3pet,{names},random"])
+    base = Q.search_config(a, "s3pet", "rte", 0)
     assert base.epochs == 10.0  # as many search epochs as the retrain (over D_w), best-validation logits
     assert base.select == "best"
+    # `s3pet` is the library's default recipe: only the per-task length and the grid's plumbing differ
+    lib = SearchConfig()
+    assert {k for k in vars(lib) if getattr(base, k) != getattr(lib, k)} <= {"epochs", "max_length", "compile",
+                                                                            "progress", "seed"}
     for name, over in Q.ABLATIONS.items():
         assert name in Q.METHODS and name in Q.SEARCH_METHODS and name not in Q.DEFAULT_METHODS
         cfg = Q.search_config(a, name, "rte", 3)
@@ -162,8 +180,8 @@ def test_every_ablation_is_a_method_with_a_valid_search_config(tmp_path):
                 assert getattr(cfg, k) == v, (name, k)
         changed = {k for k in vars(cfg) if getattr(cfg, k) != getattr(base, k)} - {"seed"}
         assert changed and changed <= set(over) | {"epochs"}, name
-    # ablations are searches like s3pet-m's: a search job before the retrains
+    # ablations are searches like s3pet's: a search job before the retrains
     jobs = Q.pending_jobs(Path(a.out), a)
-    assert {j["method"] for j in jobs if j.get("search")} == {"s3pet-m", *Q.ABLATIONS}
+    assert {j["method"] for j in jobs if j.get("search")} == {"s3pet", *Q.ABLATIONS}
     # the default grid is unchanged: ablations run only when named
     assert Q.parse(["--model", "m", "--data-dir", "d", "--out", str(tmp_path)]).methods == list(Q.DEFAULT_METHODS)
