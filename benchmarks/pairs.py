@@ -4,7 +4,7 @@ The quality report pairs only methods that ran every task; a search ablation tha
 tasks is compared here, with the same statistic (``s3pet.stats``: the difference of task
 averages, a bootstrap stratified by task):
 
-    python benchmarks/pairs.py docs/results/quality/results.json s3pet-m:random s3pet-warmup:s3pet-m
+    python benchmarks/pairs.py docs/results/quality/results.json s3pet:random s3pet-warmup:s3pet
 """
 
 from __future__ import annotations

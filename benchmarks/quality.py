@@ -63,6 +63,7 @@ ABLATIONS = {
     "s3pet-long3": {"epochs_factor": 3.0},  # ... against one search 3x as long
     "s3pet-second": {"order": "second", "epochs_factor": 1 / 2.8},  # equal wall time: 2.8x per step (benchmarks.md)
     "s3pet-kindlr": {"kind_lr_scale": 3.0},  # each kind at 3x its retrain rate (LoRA 1.5e-3, others 3e-3)
+    "s3pet-last": {"select": "last"},  # the last logits, not the best validation's (often an early step)
     "s3pet-recipe": {"warmup_epochs": 1.0, "alpha_init": "sensitivity", "temperature_final": 0.1, "alpha_accum": 4},
 }
 DEFAULT_METHODS = ("s3pet", "unified", "random", "lora", "lora-all", "adapter", "bitfit", "lnfit", "full",
@@ -427,7 +428,8 @@ def report(out: Path, args) -> str:
             scales = sorted({r["lr_scale"] for r in rs})
             ss = [r["search_cost"].get("seconds", 0) for r in rs if r.get("search_cost")]
             rsec = statistics.mean(r["retrain_cost"]["seconds"] for r in rs)
-            lines.append(f"| {meth} | " + " | ".join(cells_) + f" | {100 * avg:.1f} | {params:,.0f} | "
+            avg_s = "–" if math.isnan(avg) else f"{100 * avg:.1f}"  # a task missing: no average
+            lines.append(f"| {meth} | " + " | ".join(cells_) + f" | {avg_s} | {params:,.0f} | "
                          + "/".join(f"{s:g}" for s in scales) + " | "
                          + (f"{statistics.mean(ss):.0f}" if ss else "–") + f" | {rsec:.0f} |")
         lines += ["", f"Paired differences at {budget} (test x100, difference of six-task averages; bold: the "
