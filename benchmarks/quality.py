@@ -23,12 +23,15 @@ after every epoch, test at the best validation epoch; the model's own pooler and
 
 Methods: ``s3pet`` (the default search recipe, ``SearchConfig()``, in the s3pet-m space; runs
 before 2026-12-02 named it ``s3pet-m``, and ``merge`` renames them) / ``unified`` (the same in the
-unified space), then retrain the derived structure; ``random`` (a random structure of s3pet-m, a different one per seed), ``lora``,
+unified space), then retrain the derived structure; ``random`` (a random structure of s3pet-m,
+a different one per seed), ``lora``,
 ``lora-all``, ``adapter``, ``bitfit``, ``lnfit`` (hand-designed, sized to the budget), ``full``
 (every weight), ``optuna`` (Optuna/TPE over s3pet-m, ``--optuna-trials`` retrains), and the
 references run through peft itself: ``peft-lora-r8-qv``, ``peft-lora-all-r1`` (fixed shapes)
-and ``adalora`` (sized to the budget). Search ablations (``ABLATIONS``: s3pet-m with search
-options changed, e.g. ``s3pet-warmup``, ``s3pet-sens-select``) run only when named.
+and ``adalora`` (sized to the budget). Search ablations (``ABLATIONS``: s3pet with search
+options changed, e.g. ``s3pet-warmup``, ``s3pet-sens-select``) and the newer kinds alone
+(``KIND_BASELINES``: ``prefix``, ``compacter``, ``fact``, ... each as large as the budget allows)
+run only when named.
 """
 
 from __future__ import annotations
@@ -68,7 +71,11 @@ ABLATIONS = {
 }
 DEFAULT_METHODS = ("s3pet", "unified", "random", "lora", "lora-all", "adapter", "bitfit", "lnfit", "full",
                    "optuna", "peft-lora-r8-qv", "peft-lora-all-r1", "adalora")
-METHODS = DEFAULT_METHODS + tuple(ABLATIONS)  # ablations run only when named in --methods
+#: the newer kinds alone, each as large as the budget allows (s3pet.baselines.KIND_METHODS):
+#: hand-designed rows, run only when named
+KIND_BASELINES = ("ia3", "lowrank_adapter", "parallel_adapter", "adapterbias", "kronecker", "sparse_lora",
+                  "compacter", "fact", "prefix")
+METHODS = DEFAULT_METHODS + tuple(ABLATIONS) + KIND_BASELINES  # ablations, kinds: only when named in --methods
 SEARCH_METHODS = ("s3pet", "unified") + tuple(ABLATIONS)
 SPACES = {"s3pet": "s3pet-m", "unified": "unified"}  # the space each search method searches (ablations: s3pet's)
 RENAMED = {"s3pet-m": "s3pet"}  # method names of older runs
@@ -215,6 +222,20 @@ def search_config(args, method: str, task: str, seed: int):
                            "compile": "off", "pooling": args.pooling, **over})
 
 
+def _search(args, task: str, space: str, budget: str, out: Path, cfg) -> dict:
+    """One search into ``out``, resumed from its checkpoint when an earlier call was cut off at
+    its time limit (a search longer than a call, SST-2's, ends over several calls)."""
+    from s3pet.errors import S3petError
+    from s3pet.pipeline import search
+
+    if (out / "search.pt").is_file():
+        try:
+            return search(args.model, task, space, budget, out, cfg, data_dir=args.data_dir, resume=True)
+        except S3petError as e:  # another recipe's or an unreadable checkpoint: start afresh
+            print(f"{out}: not resumed ({e}); searching afresh", flush=True)
+    return search(args.model, task, space, budget, out, cfg, data_dir=args.data_dir, overwrite=True)
+
+
 def run_job(job: dict, args_dict: dict) -> list[dict]:
     """One (task, method, budget, seed) in a worker process: the search (if any) once, then one
     training per lr multiplier in ``job['scales']``; each writes its result.json."""
@@ -239,8 +260,7 @@ def run_job(job: dict, args_dict: dict) -> list[dict]:
             scfg = search_config(args, method, task, seed)
             space = SPACES.get(method, SPACES["s3pet"])
             if not (base / "search" / "structure.json").is_file():
-                sm = search(args.model, task, space, budget, base / "search", scfg, data_dir=args.data_dir,
-                            overwrite=True)
+                sm = _search(args, task, space, budget, base / "search", scfg)
             else:
                 sm = json.loads((base / "search" / "metrics.json").read_text())
             structure, search_cost = base / "search" / "structure.json", sm["cost"]
@@ -485,6 +505,17 @@ def _plot(runs, tasks, methods, budgets, path: Path) -> None:
 
 # --------------------------------------------------------------------------- merging calls
 
+def _ckpt_step(d: Path) -> int:
+    """How far a cut-off search got: the last step in its history (-1 without a checkpoint)."""
+    if not (d / "search.pt").is_file():
+        return -1
+    try:
+        last = (d / "history.jsonl").read_text().strip().splitlines()[-1]
+        return int(json.loads(last).get("step", 0))
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def _renamed(rel: Path) -> Path:
     """``runs/TASK/METHOD/...`` with an older method name replaced by its current one."""
     parts = list(rel.parts)
@@ -517,6 +548,12 @@ def merge(out: Path, source: Path) -> int:
         rel = _renamed(srch.parent.relative_to(source))
         if not (out / rel / "structure.json").exists():
             shutil.copytree(srch.parent, out / rel, dirs_exist_ok=True)
+    for ckpt in sorted((source / "runs").glob("*/*/*/seed*/search/search.pt")):  # searches cut off: resumable
+        rel = _renamed(ckpt.parent.relative_to(source))
+        if not (ckpt.parent / "structure.json").exists() and not (out / rel / "structure.json").exists() \
+                and _ckpt_step(ckpt.parent) > _ckpt_step(out / rel):
+            shutil.rmtree(out / rel, ignore_errors=True)
+            shutil.copytree(ckpt.parent, out / rel)
     if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)
     return n
@@ -585,6 +622,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def fits(args, job: dict, per_step: float, left: float) -> bool:
+    """Whether a job should start with ``left`` seconds to go: it ends in time (30% margin for
+    loading and evaluation), or it is a search longer than a whole call, which can only end by
+    running until the limit and resuming from its last checkpoint in the next call."""
+    need = 1.3 * job_steps(args, job) * per_step
+    if need < left:
+        return True
+    return bool(job.get("search") and job["method"] in SEARCH_METHODS and args.time_limit
+                and need > args.time_limit and left > 0.5 * args.time_limit)
+
+
 def _key(job: dict, scale) -> tuple:
     return job["task"], job["method"], job["budget"], job["seed"], scale
 
@@ -606,7 +654,7 @@ def run_grid(out: Path, args) -> None:
             busy = {_key(j, scale) for j in running.values() for scale in (j["scales"] or ["search"])}
             todo = [j for j in pending_jobs(out, args)
                     if not any(_key(j, scale) in busy for scale in (j["scales"] or ["search"]))]
-            todo = [j for j in todo if 1.3 * job_steps(args, j) * per_step[bool(j.get("search"))] < left]  # 30%: load, eval
+            todo = [j for j in todo if fits(args, j, per_step[bool(j.get("search"))], left)]
             # budgets in the order named; searches first (their retrains wait for them), then the lr
             # sweeps, long tasks first
             todo.sort(key=lambda j: (args.budgets_order(j["budget"]), not j.get("search"),
@@ -615,7 +663,17 @@ def run_grid(out: Path, args) -> None:
                 running[ex.submit(run_job, j, ad)] = j
             if not running:
                 break
-            fin, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            left = args.time_limit - (time.time() - t0) if args.time_limit else None
+            fin, _ = wait(list(running), timeout=None if left is None else max(left, 0) + 5,
+                          return_when=FIRST_COMPLETED)
+            if not fin:  # the time limit: stop the runs still going (searches resume next call)
+                for j in running.values():
+                    print(f"[{time.time() - t0:6.0f}s] {j['task']}/{j['method']}/{j['budget']}/s{j['seed']}: cut at "
+                          "the time limit" + (" (resumes from its checkpoint)" if j.get("search") else ""), flush=True)
+                for proc in list(getattr(ex, "_processes", {}).values()):
+                    proc.kill()
+                ex.shutdown(wait=False, cancel_futures=True)
+                return
             for f in fin:
                 running.pop(f)
                 for r in f.result():

@@ -185,3 +185,73 @@ def test_every_ablation_is_a_method_with_a_valid_search_config(tmp_path):
     assert {j["method"] for j in jobs if j.get("search")} == {"s3pet", *Q.ABLATIONS}
     # the default grid is unchanged: ablations run only when named
     assert Q.parse(["--model", "m", "--data-dir", "d", "--out", str(tmp_path)]).methods == list(Q.DEFAULT_METHODS)
+
+
+def test_a_search_longer_than_a_call_starts_anyway_and_runs_to_the_limit(tmp_path):
+    a = Q.parse(["--model", "m", "--data-dir", "d", "--out", str(tmp_path / "q"), "--tasks", "sst2,cb",
+                 "--budgets", "0.1%", "--methods", "s3pet,lora", "--seeds", "0", "--small-seeds", "0",
+                 "--time-limit", "500"])
+    jobs = {(j["task"], j["method"], bool(j.get("search"))): j for j in Q.pending_jobs(Path(a.out), a)}
+    long_search, short_search = jobs["sst2", "s3pet", True], jobs["cb", "s3pet", True]
+    train = jobs["sst2", "lora", False]
+    assert 1.3 * Q.job_steps(a, long_search) * 0.3 > 500  # 2,044 search steps: no call holds them
+    assert Q.fits(a, long_search, 0.3, 500) and Q.fits(a, long_search, 0.3, 300)
+    assert not Q.fits(a, long_search, 0.3, 200)  # too late in the call to reach a checkpoint
+    assert Q.fits(a, short_search, 0.3, 100) and not Q.fits(a, short_search, 0.3, 10)
+    assert Q.fits(a, train, 0.045, 500) and not Q.fits(a, train, 0.2, 500)  # a training never runs over
+
+
+def test_merge_brings_the_furthest_checkpoint_of_a_cut_off_search(tmp_path):
+    def cut(root, step):
+        d = Q.run_dir(root, "sst2", "s3pet", "0.1%", 0, 1.0).parent / "search"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "search.pt").write_bytes(b"x" * step)
+        (d / "history.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(0, step + 1, 10)))
+        return d
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    cut(a, 500)
+    cut(b, 1000)
+    cut(c, 200)
+    Q.merge(a, b)
+    d = Q.run_dir(a, "sst2", "s3pet", "0.1%", 0, 1.0).parent / "search"
+    assert (d / "search.pt").stat().st_size == 1000  # further along: replaces
+    Q.merge(a, c)
+    assert (d / "search.pt").stat().st_size == 1000  # behind: ignored
+    (d / "structure.json").write_text("{}")  # finished here: nothing replaces it
+    Q.merge(a, b)
+    assert (d / "structure.json").is_file()
+
+
+def test_a_cut_off_search_resumes_and_a_stale_checkpoint_starts_afresh(tmp_path, monkeypatch):
+    import s3pet.pipeline as P
+    from s3pet.errors import ConfigError
+
+    calls = []
+
+    def fake(model, task, space, budget, out, cfg, data_dir=None, resume=False, overwrite=False):
+        calls.append((resume, overwrite))
+        if resume and (out / "stale").exists():
+            raise ConfigError("--resume: another recipe")
+        return {"cost": {"seconds": 1}, "steps": 1}
+
+    monkeypatch.setattr(P, "search", fake)
+    a = _args(tmp_path)
+    out = tmp_path / "s"
+    out.mkdir()
+    Q._search(a, "cb", "s3pet-m", "0.1%", out, None)
+    assert calls == [(False, True)]  # no checkpoint: a fresh search
+    (out / "search.pt").write_bytes(b"x")
+    Q._search(a, "cb", "s3pet-m", "0.1%", out, None)
+    assert calls[-1] == (True, False)
+    (out / "stale").write_text("")
+    calls.clear()
+    Q._search(a, "cb", "s3pet-m", "0.1%", out, None)
+    assert calls == [(True, False), (False, True)]
+
+
+def test_every_kind_baseline_is_a_grid_method():
+    from s3pet.baselines import KIND_METHODS
+
+    assert Q.KIND_BASELINES == KIND_METHODS and set(KIND_METHODS) <= set(Q.METHODS)
+    assert not set(KIND_METHODS) & set(Q.DEFAULT_METHODS)  # run only when named
