@@ -18,6 +18,14 @@ without exceeding the budget:
   bias, when the budget holds fewer.
 - ``random``: candidates of a space in a seeded random order, kept greedily under the budget
   (the same derivation as the search, with random scores).
+- every other kind by its name (``ia3``, ``lowrank_adapter``, ``parallel_adapter``,
+  ``adapterbias``, ``kronecker``, ``sparse_lora``, ``compacter``, ``fact``, ``prefix``): that kind
+  alone on every site the ``unified`` space gives it, with the space's hyper-parameters, as
+  large as fits: a kind with a ``size_field`` (prefix length, Kronecker and FacT rank) grows it
+  on every site; a kind of several units (bottleneck units, rank-1 components) takes the
+  largest uniform count up to the space's full module; below the smallest size on every site,
+  the smallest on as many top-layer sites as fit. Shared tensors (Compacter's slow weights,
+  FacT's factors) are paid once.
 ``full`` (every weight trains) and ``lst`` (a side network beside the frozen backbone,
 ``s3pet.lst``) have no structure.
 """
@@ -34,7 +42,11 @@ from s3pet.space import ModuleSpec, Site, discover_sites, instantiate, load_spac
 from s3pet.deltas import KINDS
 from s3pet.supernet import kept_specs
 
-METHODS = ("full", "lora", "lora-all", "adapter", "bitfit", "lnfit", "random", "lst")
+#: kinds with a baseline of their own name (kind_specs); lora, adapter, bitfit and lnfit have
+#: hand-written ones above
+KIND_METHODS = ("ia3", "lowrank_adapter", "parallel_adapter", "adapterbias", "kronecker", "sparse_lora",
+                "compacter", "fact", "prefix")
+METHODS = ("full", "lora", "lora-all", "adapter", "bitfit", "lnfit", "random", "lst") + KIND_METHODS
 COMPARE = ("random", "bitfit")  # what `s3pet run --compare` trains beside the searched structure
 
 
@@ -137,6 +149,47 @@ def _order(specs: list[ModuleSpec], sites: list[Site]) -> list[ModuleSpec]:
     return sorted(specs, key=lambda m: pos[(m.site.path, m.site.role)])
 
 
+def _sized(sp: ModuleSpec, units: int, **params) -> ModuleSpec:
+    """``sp`` (a full module of the space) with its first ``units`` units and ``params`` changed."""
+    kind = KINDS[sp.kind]
+    full = kind.check_params({**sp.params, **params})
+    units = min(units, kind.max_units(sp.site, full))
+    kept = kind.first_units(sp.site, full, units)
+    return ModuleSpec(sp.site, sp.kind, kind.check_params(kind.derived_params(full, kept)), units)
+
+
+def kind_specs(kind: str, sites: list[Site], budget: int, space: str = "unified") -> list[ModuleSpec]:
+    """The hand-designed baseline of one kind: alone on every site ``space`` gives it, as large
+    as ``budget`` allows (module docstring)."""
+    base = [sp for sp in instantiate(load_space(space), sites) if sp.kind == kind]
+    if not base:
+        raise BudgetError(f"the {space} space puts no {kind} module on this model")
+    field = KINDS[kind].size_field
+    best = None
+    if field:
+        v = 1
+        while v <= 4096:
+            specs = [_sized(sp, sp.units, **{field: v}) for sp in base]
+            if total_params(specs) > budget:
+                break
+            best, v = specs, v + 1
+        smallest = [_sized(sp, sp.units, **{field: 1}) for sp in base]
+    else:
+        for u in range(max(sp.units for sp in base), 0, -1):
+            specs = [_sized(sp, u) for sp in base]
+            if total_params(specs) <= budget:
+                best = specs
+                break
+        smallest = [_sized(sp, 1) for sp in base]
+    if best is not None:
+        return best
+    chosen = []  # the smallest module on as many top-layer sites as fit, shared tensors paid once
+    for sp in sorted(smallest, key=lambda m: (-m.site.layer, m.site.stack)):
+        if total_params(chosen + [sp]) <= budget:
+            chosen.append(sp)
+    return _order(chosen, sites)
+
+
 def random_specs(sites: list[Site], budget: int, space: str = "s3pet-m", seed: int = 0):
     """A random structure of a space: random scores, then the search's greedy derivation."""
     specs = instantiate(load_space(space), sites)
@@ -165,6 +218,9 @@ def baseline_structure(method: str, backbone: nn.Module, budget: int, seed: int 
     if method == "random":
         kept = random_specs(sites, budget, space, seed)
         space_name = f"random:{load_space(space).name}"
+    elif method in KIND_METHODS:
+        kept = [(sp, None) for sp in kind_specs(method, sites, budget)]
+        space_name = method
     else:
         build = {"lora": lora_specs, "lora-all": lora_all_specs, "adapter": adapter_specs, "bitfit": bitfit_specs, "lnfit": lnfit_specs}[method]
         kept = [(sp, None) for sp in build(sites, budget)]

@@ -27,7 +27,8 @@ log = logging.getLogger("s3pet")
 # s3pet.baselines.METHODS + s3pet.peft_methods.METHODS (tested), named here so that --help
 # needs no torch import.
 BASELINE_METHODS = ("full", "lora", "lora-all", "adapter", "bitfit", "lnfit", "random", "lst",
-                    "peft-lora-r8-qv", "peft-lora-all-r1", "adalora")
+                    "ia3", "lowrank_adapter", "parallel_adapter", "adapterbias", "kronecker", "sparse_lora",
+                    "compacter", "fact", "prefix", "peft-lora-r8-qv", "peft-lora-all-r1", "adalora")
 
 
 def _quiet_libraries() -> None:

@@ -125,6 +125,10 @@ class DeltaKind(ABC):
     colour: str = ""  # "" = a spare colour
     order: int = 100
     ranked: bool = False
+    # Hand-designed baselines (``s3pet.baselines.kind_specs``): the integer hyper-parameter that
+    # sizes a one-unit module (a prefix's length, a Kronecker or FacT rank), grown on every site
+    # to fill a budget; None: a module's size is its units, or fixed.
+    size_field: str | None = None
 
     def attach(self, host: nn.Module, delta: Delta, gate) -> object | None:
         """Attach ``delta`` to the ``host`` module itself; returns a handle with ``remove()``.
@@ -174,6 +178,12 @@ class DeltaKind(ABC):
         ``params`` (one flag per unit, in unit order). Units of one role (rank-1 components,
         bottleneck units) are interchangeable, so by default only their number matters."""
         return dict(params)
+
+    def first_units(self, site: "Site", params: dict, units: int) -> list[bool]:
+        """Which units of the full module at ``site`` a hand-designed module of ``units`` units
+        keeps (one flag per unit, for ``derived_params``): by default the first ones."""
+        full = self.max_units(site, params)
+        return [True] * units + [False] * (full - units)
 
     def bind(self, delta: Delta, host: nn.Module) -> None:
         """Called when ``delta`` is attached to ``host`` (the backbone's module): a module that

@@ -100,6 +100,7 @@ class FacTKind(DeltaKind):
     hosts = ("linear",)
     stage = 1  # parallel: adds dW x beside the host, as LoRA
     defaults = {"rank": 8, "form": "tt", "scale": 1.0}
+    size_field = "rank"  # what a hand-designed baseline grows to fill a budget
     lr = 1e-3  # the paper's rate (ViT-B, VTAB-1k)
     merge_refusal = None
     peft_refusal = "no peft counterpart (peft has no FacT); merge it"

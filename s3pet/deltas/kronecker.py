@@ -96,6 +96,7 @@ class KroneckerKind(DeltaKind):
     hosts = ("linear",)
     stage = 1  # parallel: adds beside the layer's output, as LoRA
     defaults = {"factor": 8, "rank": 1, "alpha": 2.0}
+    size_field = "rank"  # what a hand-designed baseline grows to fill a budget
     lr = 5e-4  # LoRA's rate at the same scaling alpha / r = 2 (a weight update of LoRA's form)
     merge_refusal = None
     peft_refusal = None

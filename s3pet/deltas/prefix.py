@@ -106,6 +106,7 @@ class PrefixKind(DeltaKind):
     hosts = ("attention",)
     stage = 1
     defaults = {"n_prefix": 10, "mlp": True, "hidden": None}  # hidden None: the model width d
+    size_field = "n_prefix"  # what a hand-designed baseline grows to fill a budget
     # peft's prefix-tuning examples and P-tuning v2 train prefixes (with the MLP) at 5e-3 to 1e-2.
     lr = 5e-3
     merge_refusal = "prefix keys and values add attention columns, which no weight of the model can fold in"

@@ -134,6 +134,13 @@ class SparseLoRAKind(DeltaKind):
     def unit_params(self, site, params):
         return site.d_in + site.d_out
 
+    def first_units(self, site, params, units):
+        # Both parts, as DSEE has them: rank-1 components and sparse chunks in turn (a low-rank
+        # component first), not the whole low-rank part before any chunk.
+        r, s = int(params["rank"]), self.max_units(site, params) - int(params["rank"])
+        low = min(r, max(units - min(s, units // 2), 0))
+        return [i < low for i in range(r)] + [i < units - low for i in range(s)]
+
     def derived_params(self, params, kept):
         r = int(params["rank"])
         return {**params, "rank": sum(kept[:r]), "sparse_units": sum(kept[r:])}
