@@ -564,7 +564,9 @@ def profile(method: str, ctx: Ctx, warmup: int, steps: int, path: Path) -> str:
             wall = 1e3 * (time.perf_counter() - t0) / steps
         avg = prof.key_averages()
     name = f"{method} on {ctx.template.config._s3pet_name}"
-    lines = [f"# {name}: {steps} profiled steps after {warmup} warm-up; wall {wall:.1f} ms/step under the profiler"]
+    ops = sum(e.count for e in avg if e.key.startswith("aten::"))
+    lines = [f"# {name}: {steps} profiled steps after {warmup} warm-up; wall {wall:.1f} ms/step under the profiler",
+             f"# {ops / steps:.0f} aten ops/step (each a dispatch on the host, most a kernel launch on a GPU)"]
     if cuda:
         kern = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) for e in avg)
         launches = sum(e.count for e in avg if "LaunchKernel" in e.key)

@@ -19,7 +19,9 @@ the parameters reaches them).
 
 Gates: a ``DeltaSet`` built with ``gated=True`` reads one gate vector ``self.z`` (one value
 per unit, over all modules, set by the supernet once per step) and hands each module its
-slice; with ``gated=False`` modules run whole.
+units, split from z once per z (one op, whose backward is one concatenation, instead of a
+slice per module whose backward zero-fills a full-size gradient); with ``gated=False``
+modules run whole.
 """
 
 from __future__ import annotations
@@ -45,13 +47,16 @@ class DeltaSet(nn.Module):
         self.specs = list(specs)
         self.gated = gated
         self.deltas = nn.ModuleDict()
-        self.z: Tensor | None = None
+        self._z: Tensor | None = None
+        self._parts: tuple[Tensor, ...] | None = None  # z split per module, once per z
         self.shared = nn.ParameterDict()
         self._shared_names: dict[str, tuple[str, ...]] = {}  # per module key, computed once (hooks read it)
         off = 0
-        for spec in self.specs:
+        self._index: dict[str, int] = {}  # module key -> its part of z
+        for i, spec in enumerate(self.specs):
             spec.offset = off
             off += spec.units
+            self._index[spec.key] = i
             self.deltas[_safe(spec.key)] = KINDS[spec.kind].build(spec.site, spec.params, spec.units)
             self._shared_names[spec.key] = tuple(spec.shared)
             for name, shape in spec.shared.items():
@@ -130,10 +135,22 @@ class DeltaSet(nn.Module):
         self._handles = []
         self._seen.clear()
 
+    @property
+    def z(self) -> Tensor | None:
+        """The gate vector (one value per unit of every module, in spec order), or None."""
+        return self._z
+
+    @z.setter
+    def z(self, z: Tensor | None) -> None:
+        self._z, self._parts = z, None
+
     def _gate(self, spec: ModuleSpec) -> Tensor | None:
-        if not self.gated or self.z is None:
+        if not self.gated or self._z is None:
             return None
-        return self.z[spec.offset:spec.offset + spec.units]
+        if self._parts is None:  # one split per z: its backward is one concatenation, not a
+            # zero-filled full-size gradient per module summed into z's (3 launches per module)
+            self._parts = self._z.split([s.units for s in self.specs])
+        return self._parts[self._index[spec.key]]
 
     def _make_source_hook(self, path: str):
         def hook(module, args):

@@ -173,3 +173,29 @@ def test_candidate_rows_one_per_unit(tiny_backbone, tiny_sites):
 def test_budget_below_every_candidate_is_infeasible(tiny_backbone, tiny_sites):
     with pytest.raises(BudgetError):
         build(tiny_backbone, tiny_sites, "tiny-bert", "s3pet-m", budget=lambda t: 1)
+
+
+def test_each_module_reads_its_own_units_of_z_and_a_new_z_replaces_them(tiny_backbone, tiny_sites, make_inputs,
+                                                                         backbone_output):
+    model, net = build(tiny_backbone, tiny_sites, "tiny-bert", "s3pet-m", budget=lambda t: t // 3)
+    randomize_deltas(net, seed=2, std=0.1)
+    ds = net.deltaset
+    z = torch.rand(net.alpha.numel(), generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    ds.z = z
+    for spec in ds.specs:
+        assert torch.equal(ds._gate(spec), z[spec.offset:spec.offset + spec.units])
+    backbone_output(net, make_inputs(model), grad=True).pow(2).mean().backward()
+    # the same gradient as gates cut from z one slice per module
+    ref = z.detach().clone().requires_grad_(True)
+    parts = {s.key: ref[s.offset:s.offset + s.units] for s in ds.specs}
+    old = ds._gate
+    ds._gate = lambda spec: parts[spec.key]
+    try:
+        ds.z = ref
+        backbone_output(net, make_inputs(model), grad=True).pow(2).mean().backward()
+    finally:
+        ds._gate = old
+    assert torch.allclose(z.grad, ref.grad, rtol=1e-5, atol=1e-7) and z.grad.abs().max() > 0
+    z2 = torch.zeros_like(z)
+    ds.z = z2
+    assert all(torch.equal(ds._gate(s), z2[s.offset:s.offset + s.units]) for s in ds.specs)
