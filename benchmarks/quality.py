@@ -67,6 +67,7 @@ ABLATIONS = {
     "s3pet-second": {"order": "second", "epochs_factor": 1 / 2.8},  # equal wall time: 2.8x per step (benchmarks.md)
     "s3pet-kindlr": {"kind_lr_scale": 3.0},  # each kind at 3x its retrain rate (LoRA 1.5e-3, others 3e-3)
     "s3pet-last": {"select": "last"},  # the last logits, not the best validation's (often an early step)
+    "s3pet-alpha2": {"alpha_every": 2},  # an alpha step every 2nd step: 1.5 passes a step instead of 2
     "s3pet-recipe": {"warmup_epochs": 1.0, "alpha_init": "sensitivity", "temperature_final": 0.1, "alpha_accum": 4},
 }
 DEFAULT_METHODS = ("s3pet", "unified", "random", "lora", "lora-all", "adapter", "bitfit", "lnfit", "full",

@@ -317,7 +317,7 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
     total = warm + n_bilevel
     eval_every = cfg.eval_every or max(1, nb_w // 2)
     ckpt_every = cfg.checkpoint_every or eval_every
-    bl = BiLevel(root, cfg, device, total, n_bilevel)
+    bl = BiLevel(root, cfg, device, total, math.ceil(n_bilevel / cfg.alpha_every))  # the alpha schedule's steps
     scored = cfg.selector == "sensitivity" or cfg.alpha_init == "sensitivity"
     hist = out / "history.jsonl"
     ckpt = out / "search.pt"
@@ -351,6 +351,7 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
     root.train()
     t0 = time.perf_counter()
     sums = {"loss_w": torch.zeros((), device=device), "loss_alpha": torch.zeros((), device=device)}
+    n_alpha = 0  # alpha steps since the last record (every step, or every alpha_every-th)
     bar = Progress(total, "search", enabled=cfg.progress, initial=step)
     history = History(out, "search", cfg.tensorboard, start_step=step if resume and ckpt.exists() else None)
     it_w = it_a = None
@@ -359,16 +360,18 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
             it_w = D.batches(d_w, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed, epoch=step // nb_w,
                              start=step % nb_w, shard=shard)
         bw = D.to_device(next(it_w), device)
-        if step >= warm:
+        if step >= warm and (step - warm) % cfg.alpha_every == 0:
             bas = []
             for m in range(cfg.alpha_accum):
-                j = (step - warm) * cfg.alpha_accum + m  # index of this D_alpha batch over the search
+                # index of this D_alpha batch over the search (a function of the step: resumable)
+                j = (step - warm) // cfg.alpha_every * cfg.alpha_accum + m
                 if it_a is None or j % nb_a == 0:
                     it_a = D.batches(d_a, cfg.batch_size, task.pad_id, shuffle=True, seed=cfg.seed + 7919,
                                      epoch=j // nb_a, start=j % nb_a, shard=shard)
                 bas.append(D.to_device(next(it_a), device))
             bl.set_temperature(step - warm, n_bilevel)
             sums["loss_alpha"] += bl.alpha_step(bas if cfg.alpha_accum > 1 else bas[0], bw)
+            n_alpha += 1
         sums["loss_w"] += bl.warm_step(bw) if step < warm else bl.w_step(bw)
         step += 1
         bar.update(1)
@@ -381,11 +384,12 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
             with torch.no_grad():
                 p = sn.gate_probs()
             rec = {"step": step, "epoch": step / nb_w, "loss_w": sums["loss_w"].item() / k,
-                   "loss_alpha": sums["loss_alpha"].item() / k, "budget": sn.budget,
+                   "loss_alpha": sums["loss_alpha"].item() / max(n_alpha, 1), "budget": sn.budget,
                    "temperature": sn.temperature, "phase": "warmup" if step <= warm else "bilevel",
                    **{key: float(v) for key, v in sn.stats(p).items()}, **sn.derivation_stats(p)}
             for v in sums.values():
                 v.zero_()
+            n_alpha = 0
             history.write(rec)
             bar.set(loss_w=f"{rec['loss_w']:.3f}", loss_alpha=f"{rec['loss_alpha']:.3f}",
                     kept=f"{rec['derived_kept']} candidates", p_max=f"{rec['p_max']:.2f}")

@@ -233,6 +233,32 @@ def test_sensitivity_selector_takes_no_alpha_step(tmp_path):
     _within_budget(out)
 
 
+def test_alpha_every_k_steps_and_a_killed_search_resumes_to_the_same_structure(tmp_path, monkeypatch):
+    task = _toy(tmp_path)
+    cfg = _cfg(alpha_every=2, warmup_steps=1, max_steps=6)
+    search("tiny-bert", task, "s3pet-m", "800", tmp_path / "a", cfg)
+    recs = [r for r in _history(tmp_path / "a") if "loss_w" in r]
+    assert [r["loss_alpha"] > 0 for r in recs] == [False, True, False, True, False, True, False]
+    assert recs[1]["shift"] == recs[2]["shift"] != recs[3]["shift"]  # logits still on the steps between
+    _within_budget(tmp_path / "a")
+    calls = {"n": 0}
+    real = BiLevel.w_step
+
+    def dying(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(BiLevel, "w_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        search("tiny-bert", task, "s3pet-m", "800", tmp_path / "b", cfg)
+    monkeypatch.setattr(BiLevel, "w_step", real)
+    search("tiny-bert", task, "s3pet-m", "800", tmp_path / "b", cfg, resume=True)
+    for name in ("alphas.csv", "structure.json"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text(), name
+
+
 def test_warm_up_in_epochs_counts_passes_over_d_w(tmp_path):
     out = tmp_path / "run"  # 96 examples: D_w holds 48, 6 batches of 8; half an epoch is 3 steps
     search("tiny-bert", _toy(tmp_path), "s3pet-m", "800", out, _cfg(warmup_epochs=0.5, max_steps=2))
@@ -287,9 +313,10 @@ def test_every_option_is_a_flag_of_search_and_run():
 
     flags = ["--temperature-final", "0.2", "--gates", "hard-concrete", "--warmup-steps", "5", "--alpha-init",
              "sensitivity", "--alpha-init-scale", "2", "--sensitivity-batches", "3", "--selector", "sensitivity",
-             "--alpha-accum", "4", "--restarts", "3"]
+             "--alpha-accum", "4", "--restarts", "3", "--alpha-every", "2"]
     want = dict(temperature_final=0.2, gates="hard-concrete", warmup_steps=5, alpha_init="sensitivity",
-                alpha_init_scale=2.0, sensitivity_batches=3, selector="sensitivity", alpha_accum=4, restarts=3)
+                alpha_init_scale=2.0, sensitivity_batches=3, selector="sensitivity", alpha_accum=4, restarts=3,
+                alpha_every=2)
     for argv in (["search", "--task", "t", "--budget", "1k", "--out", "o"], ["run", "--out", "o"]):
         cfg = search_cfg(argv + flags)
         assert {k: getattr(cfg, k) for k in want} == want, argv[0]

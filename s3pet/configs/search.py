@@ -50,6 +50,8 @@ class SearchConfig(Config):
     selector: str = setting("search", "search: the bi-level search ranks the candidates; sensitivity: the "
                                       "warmed-up sensitivity alone ranks them, no alpha steps (needs a warm-up)",
                             choices=("search", "sensitivity"))
+    alpha_every: int = setting(1, "bi-level steps per alpha step: k > 1 takes an alpha step on every k-th step "
+                                  "only (a first-order step then costs 1 + 1/k passes instead of 2)", check="> 0")
     alpha_accum: int = setting(1, "D_alpha micro-batches averaged per alpha step (a less noisy alpha gradient)",
                                check="> 0")
     exportable: bool = setting(False, "search only candidates that `s3pet export --to peft` or `--merge` can "
