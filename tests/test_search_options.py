@@ -233,20 +233,14 @@ def test_sensitivity_selector_takes_no_alpha_step(tmp_path):
     _within_budget(out)
 
 
-def test_alpha_every_k_steps_and_a_killed_search_resumes_to_the_same_structure(tmp_path, monkeypatch):
-    task = _toy(tmp_path)
-    cfg = _cfg(alpha_every=2, warmup_steps=1, max_steps=6)
-    search("tiny-bert", task, "s3pet-m", "800", tmp_path / "a", cfg)
-    recs = [r for r in _history(tmp_path / "a") if "loss_w" in r]
-    assert [r["loss_alpha"] > 0 for r in recs] == [False, True, False, True, False, True, False]
-    assert recs[1]["shift"] == recs[2]["shift"] != recs[3]["shift"]  # logits still on the steps between
-    _within_budget(tmp_path / "a")
+def _killed_then_resumed_equals(tmp_path, monkeypatch, task, cfg, w_steps: int) -> None:
+    """A search into b killed at its ``w_steps``-th w step, then resumed, ends as a's did."""
     calls = {"n": 0}
     real = BiLevel.w_step
 
     def dying(self, batch):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == w_steps:
             raise KeyboardInterrupt
         return real(self, batch)
 
@@ -257,6 +251,17 @@ def test_alpha_every_k_steps_and_a_killed_search_resumes_to_the_same_structure(t
     search("tiny-bert", task, "s3pet-m", "800", tmp_path / "b", cfg, resume=True)
     for name in ("alphas.csv", "structure.json"):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text(), name
+
+
+def test_alpha_every_k_steps_and_a_killed_search_resumes_to_the_same_structure(tmp_path, monkeypatch):
+    task = _toy(tmp_path)
+    cfg = _cfg(alpha_every=2, warmup_steps=1, max_steps=6)
+    search("tiny-bert", task, "s3pet-m", "800", tmp_path / "a", cfg)
+    recs = [r for r in _history(tmp_path / "a") if "loss_w" in r]
+    assert [r["loss_alpha"] > 0 for r in recs] == [False, True, False, True, False, True, False]
+    assert recs[1]["shift"] == recs[2]["shift"] != recs[3]["shift"]  # logits still on the steps between
+    _within_budget(tmp_path / "a")
+    _killed_then_resumed_equals(tmp_path, monkeypatch, task, cfg, w_steps=4)
 
 
 def test_warm_up_in_epochs_counts_passes_over_d_w(tmp_path):
@@ -286,22 +291,8 @@ def test_killed_search_with_every_option_resumes_to_the_same_structure(tmp_path,
     task = _toy(tmp_path)
     cfg = _cfg(warmup_steps=2, alpha_init="sensitivity", temperature_final=0.5, alpha_accum=2, max_steps=5)
     search("tiny-bert", task, "s3pet-m", "800", tmp_path / "a", cfg)
-    calls = {"n": 0}
-    real = BiLevel.w_step
-
-    def dying(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 4:  # the 6th step: after the warm-up, the init and three alpha steps
-            raise KeyboardInterrupt
-        return real(self, batch)
-
-    monkeypatch.setattr(BiLevel, "w_step", dying)
-    with pytest.raises(KeyboardInterrupt):
-        search("tiny-bert", task, "s3pet-m", "800", tmp_path / "b", cfg)
-    monkeypatch.setattr(BiLevel, "w_step", real)
-    search("tiny-bert", task, "s3pet-m", "800", tmp_path / "b", cfg, resume=True)
-    for name in ("alphas.csv", "structure.json"):
-        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text(), name
+    # killed at the 6th step: after the warm-up, the init and three alpha steps
+    _killed_then_resumed_equals(tmp_path, monkeypatch, task, cfg, w_steps=4)
 
 
 def test_every_option_is_a_flag_of_search_and_run():
