@@ -13,10 +13,9 @@ from s3pet.baselines import METHODS, baseline_structure
 from s3pet.cli import main
 from s3pet.errors import ConfigError
 from s3pet.models import count_params, load_backbone, load_tokenizer
-from s3pet.space import total_params
 from s3pet.pipeline import baseline, evaluate_run, retrain, search
 from s3pet.search import SearchConfig
-from s3pet.space import discover_sites, stack_depths
+from s3pet.space import discover_sites, stack_depths, total_params
 from s3pet.train import TrainConfig
 from s3pet.transfer import average_runs, map_structure
 from synthetic import write_sentiment_task
