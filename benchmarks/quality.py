@@ -206,7 +206,7 @@ def train_config(args, task: str, seed: int, scale: float):
     epochs, max_len = recipe(args, task)
     return TrainConfig(epochs=epochs, batch_size=32, lr=0.0, head_lr=0.0, lr_scale=scale, seed=seed,
                        max_train_samples=args.max_train_samples, max_length=max_len, progress=False,
-                       eval_every=0, patience=0, compile="off", pooling=args.pooling)
+                       eval_every=0, patience=0, compile=args.compile, pooling=args.pooling)
 
 
 def search_config(args, method: str, task: str, seed: int):
@@ -220,7 +220,7 @@ def search_config(args, method: str, task: str, seed: int):
                            "seed": seed, **{k: v for k, v in (("w_lr", args.w_lr), ("alpha_lr", args.alpha_lr))
                                             if v is not None},
                            "max_train_samples": args.max_train_samples, "max_length": max_len, "progress": False,
-                           "compile": "off", "pooling": args.pooling, **over})
+                           "compile": args.compile, "pooling": args.pooling, **over})
 
 
 def _search(args, task: str, space: str, budget: str, out: Path, cfg) -> dict:
@@ -574,6 +574,9 @@ def parse(argv=None):
     p.add_argument("--lr-grid", default="0.5,1,2", help="multipliers of each kind's known-good learning rate")
     p.add_argument("--lr-seeds", default="0", help="seeds on which the learning rate is chosen (validation)")
     p.add_argument("--pooling", default="auto", choices=["auto", "pooler", "mean"])
+    p.add_argument("--compile", default="off", choices=["off", "auto", "on"],
+                   help="torch.compile of searches and trainings (off: every committed run; auto: the library's "
+                        "rule, on a GPU for runs of 2,000+ steps)")
     p.add_argument("--search-epochs", type=float, default=0, help="0 = as many as the retrain")
     p.add_argument("--w-lr", type=float, default=None, help="the search's PET rate (default: SearchConfig's)")
     p.add_argument("--alpha-lr", type=float, default=None, help="the search's gate-logit rate (default: SearchConfig's)")

@@ -255,3 +255,10 @@ def test_every_kind_baseline_is_a_grid_method():
 
     assert Q.KIND_BASELINES == KIND_METHODS and set(KIND_METHODS) <= set(Q.METHODS)
     assert not set(KIND_METHODS) & set(Q.DEFAULT_METHODS)  # run only when named
+
+
+def test_compile_reaches_both_the_search_and_the_training(tmp_path):
+    off = _args(tmp_path)
+    assert Q.search_config(off, "s3pet", "rte", 0).compile == "off" == Q.train_config(off, "rte", 0, 1.0).compile
+    on = _args(tmp_path, "--compile", "auto")
+    assert Q.search_config(on, "s3pet", "rte", 0).compile == "auto" == Q.train_config(on, "rte", 0, 1.0).compile
