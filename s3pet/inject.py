@@ -53,6 +53,7 @@ class DeltaSet(nn.Module):
         self._shared_names: dict[str, tuple[str, ...]] = {}  # per module key, computed once (hooks read it)
         off = 0
         self._index: dict[str, int] = {}  # module key -> its part of z
+        self._sizes = [spec.units for spec in self.specs]  # the parts' lengths, in z's order
         for i, spec in enumerate(self.specs):
             spec.offset = off
             off += spec.units
@@ -149,7 +150,7 @@ class DeltaSet(nn.Module):
             return None
         if self._parts is None:  # one split per z: its backward is one concatenation, not a
             # zero-filled full-size gradient per module summed into z's (3 launches per module)
-            self._parts = self._z.split([s.units for s in self.specs])
+            self._parts = self._z.split(self._sizes)
         return self._parts[self._index[spec.key]]
 
     def _make_source_hook(self, path: str):
