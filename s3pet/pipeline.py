@@ -22,7 +22,7 @@ from s3pet import budget as B
 from s3pet import data as D
 from s3pet import rundir
 from s3pet import structure as S
-from s3pet.configs import RunConfig
+from s3pet.configs import SELECTS, RunConfig
 from s3pet.errors import BudgetError, ConfigError, StructureError
 from s3pet.heads import TaskModel
 from s3pet.io import read_json, write_json
@@ -177,7 +177,7 @@ def search(model: str, task: str, space: str, budget: str | int, out: str | Path
     with rundir.RunDir(out, resume=resume, overwrite=overwrite):
         if not resume or not (out / "config.json").exists():
             write_json(out / "config.json", config)
-        results, probs, alphas = [], [], []
+        results, probs, alphas = [], {}, {}
         for k in range(cfg.restarts):
             # Restarts: independent searches (seed + k, own D_w/D_alpha split) on the same data,
             # each in restart<k>/ with its own history and checkpoint; their gate probabilities are
@@ -198,29 +198,36 @@ def search(model: str, task: str, space: str, budget: str | int, out: str | Path
                 kout.mkdir(parents=True, exist_ok=True)
                 write_json(kout / "config.json", {**config, "search": asdict(kcfg), "restart": k})
             res = run_search(root, enc, kcfg, kout, resume=resume)
+            for rule, a in res.alphas.items():  # every rule's logits: the selected one and the alternatives
+                sn.set_alpha(a)
+                with torch.no_grad():
+                    probs.setdefault(rule, []).append(sn.gate_probs().detach().double().cpu())
+                    alphas.setdefault(rule, []).append(a.detach().double().cpu())
             sn.set_alpha(res.selected_alpha)
-            with torch.no_grad():
-                probs.append(sn.gate_probs().detach().double().cpu())
-                alphas.append(res.selected_alpha.detach().double().cpu())
             if cfg.restarts > 1:
                 write_alphas_csv(kout / "alphas.csv", sn.candidate_rows())
             results.append(res)
         res = results[-1]
-        p_mean = torch.stack(probs).mean(0) if cfg.restarts > 1 else None
-        with torch.no_grad():
-            if cfg.restarts > 1:  # mean logits only break ties in the mean probabilities
-                sn.set_alpha(torch.stack(alphas).mean(0).to(sn.alpha.dtype))
-            rows = sn.candidate_rows(p_mean)
-            kept = sn.derive_specs(b, p=p_mean)
-        write_alphas_csv(out / "alphas.csv", rows)
-        st = S.from_specs(kept, backbone, space_obj.name, brec,
-                          {"task": task, **({"task_name": td.card.name} if td.card.name != task else {}),
-                           "seed": cfg.seed, "select": cfg.select, "step": res.best_step
-                           if cfg.select == "best" else res.steps, "order": cfg.order, "controller": cfg.controller,
-                           **({"restarts": cfg.restarts} if cfg.restarts > 1 else {})})
-        st.save(out / "structure.json")
+        # The selected rule's structure, then the other rules' (structure-<rule>.json: the same search,
+        # logits chosen otherwise, e.g. to retrain the last logits' structure without searching again).
+        for rule in (cfg.select, *(r for r in SELECTS if r != cfg.select)):
+            p_mean = torch.stack(probs[rule]).mean(0) if cfg.restarts > 1 else None
+            with torch.no_grad():  # after restarts the mean logits only break ties in the mean probabilities
+                sn.set_alpha(torch.stack(alphas[rule]).mean(0).to(sn.alpha.dtype))
+                rows = sn.candidate_rows(p_mean)
+                kept = sn.derive_specs(b, p=p_mean)
+            st = S.from_specs(kept, backbone, space_obj.name, brec,
+                              {"task": task, **({"task_name": td.card.name} if td.card.name != task else {}),
+                               "seed": cfg.seed, "select": rule, "step": res.steps_of[rule], "order": cfg.order,
+                               "controller": cfg.controller, **({"restarts": cfg.restarts} if cfg.restarts > 1 else {})})
+            if rule == cfg.select:
+                write_alphas_csv(out / "alphas.csv", rows)
+                selected = st
+            st.save(out / ("structure.json" if rule == cfg.select else f"structure-{rule}.json"))
+        st = selected
         device = resolve_device(cfg.device)
         metrics = {"stage": "search", "validation_soft_gates": res.best_validation, "best_step": res.best_step,
+                   "select_steps": res.steps_of,  # the step each rule's logits are from
                    **enc.truncation(),
                    "steps": res.steps, "structure": {"n_params": st.n_params, "modules": len(st.modules),
                                                      "by_kind": st.counts_by_kind(), "budget": brec},

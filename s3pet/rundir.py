@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 from s3pet import dist
+from s3pet.configs.search import SELECTS
 from s3pet.errors import ConfigError
 from s3pet.io import create_readable
 
@@ -45,7 +46,7 @@ RUN_LOG = "s3pet.runlog"  # the logger of lines only run logs receive (progress 
 # Files a stage writes into its folder; a new (not resumed) run removes an older run's copies,
 # so a new config.json never stands beside old weights.
 RUN_FILES = ("config.json", "history.jsonl", "metrics.json", "structure.json", "alphas.csv", "search.pt",
-             "delta.safetensors", "summary.json", "train.pt", LOG)
+             "delta.safetensors", "summary.json", "train.pt", LOG) + tuple(f"structure-{r}.json" for r in SELECTS)
 RUN_DIRS = ("tb",)  # folders of run files (TensorBoard events), removed as the files are
 
 

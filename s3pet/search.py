@@ -25,7 +25,7 @@ import io
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -290,6 +290,9 @@ class SearchResult:
     seconds: float
     peak_memory_mb: float
     selected_alpha: torch.Tensor
+    #: the logits of every selection rule (``SELECTS``: best, loss, last) and the step each is from
+    alphas: dict = field(default_factory=dict)
+    steps_of: dict = field(default_factory=dict)
 
 
 def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Path, resume: bool = False) -> SearchResult:
@@ -323,6 +326,7 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
     ckpt = out / "search.pt"
 
     step, best, best_step, best_alpha, seconds = 0, None, 0, sn.alpha.detach().clone(), 0.0
+    low = {"loss": math.inf, "step": 0, "alpha": sn.alpha.detach().clone()}  # the lowest validation loss
     torch.manual_seed(cfg.seed)
     if resume and ckpt.exists():
         try:  # a torn or foreign file must be one line, not a pickle traceback
@@ -334,6 +338,8 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
             raise ConfigError(f"--resume: {ckpt} is not a readable search checkpoint ({type(e).__name__}); "
                               f"delete it to start the search afresh") from e
         best_alpha = state["best_alpha"].to(device)
+        if state.get("low") is not None:  # checkpoints before the loss rule lack it
+            low = {**state["low"], "alpha": state["low"]["alpha"].to(device)}
         torch.set_rng_state(state["rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
@@ -397,23 +403,27 @@ def run_search(root: SearchModel, task: EncodedTask, cfg: SearchConfig, out: Pat
             with torch.no_grad():
                 sn.expected_gates()
                 m = evaluate(root.task_model, task.validation, task.card, task.pad_id, cfg.eval_batch_size, device,
-                             cfg.precision, progress=cfg.progress)
+                             cfg.precision, progress=cfg.progress, loss=True)
             history.write({"step": step, "eval": m})
             # Logits still at their initial zeros (inside the warm-up) say nothing: never select them.
             informed = step > warm or (step == warm and scored)
             if informed and (best is None or m["main"] > best["main"]):
                 best, best_step, best_alpha = m, step, sn.alpha.detach().clone()
+            if informed and m["loss"] < low["loss"]:
+                low = {"loss": m["loss"], "step": step, "alpha": sn.alpha.detach().clone()}
         if (step % ckpt_every == 0 or step == total) and dist.is_main():
             _save_checkpoint(ckpt, root, bl, step, best, best_step, best_alpha,
-                             seconds + time.perf_counter() - t0, device)
+                             seconds + time.perf_counter() - t0, device, low)
     bar.close()
     history.close()
     bl.compiled.close()
     sn.solver = B.solve_shift
     seconds += time.perf_counter() - t0
-    selected = best_alpha if cfg.select == "best" else sn.alpha.detach().clone()
+    alphas = {"best": best_alpha, "loss": low["alpha"], "last": sn.alpha.detach().clone()}
+    steps_of = {"best": best_step, "loss": low["step"], "last": step}
+    selected = alphas[cfg.select]
     dist.check_same(selected, "gate logits")  # every rank derives the same structure
-    return SearchResult(sn, best or {}, best_step, step, seconds, peak_memory_mb(device), selected)
+    return SearchResult(sn, best or {}, best_step, step, seconds, peak_memory_mb(device), selected, alphas, steps_of)
 
 
 def _sensitivity_batches(d_a: D.EncodedSplit, pad_id: int, cfg: SearchConfig, shard, device):
@@ -440,10 +450,11 @@ def _check_finite(sums: dict, sn: Supernet, cfg: SearchConfig, step: int) -> Non
     raise TrainingError(f"search diverged at step {step}: {what}")
 
 
-def _save_checkpoint(path: Path, root, bl: BiLevel, step, best, best_step, best_alpha, seconds, device) -> None:
+def _save_checkpoint(path: Path, root, bl: BiLevel, step, best, best_step, best_alpha, seconds, device,
+                     low: dict | None = None) -> None:
     state = {"root": {k: v for k, v in root.state_dict().items() if not _is_backbone(k)},
              "bilevel": bl.state_dict(), "step": step, "best": best, "best_step": best_step,
-             "best_alpha": best_alpha, "seconds": seconds, "rng": torch.get_rng_state(),
+             "best_alpha": best_alpha, "low": low, "seconds": seconds, "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
     buf = io.BytesIO()
     torch.save(state, buf)

@@ -170,21 +170,27 @@ def batch_logits(model: TaskModel, split: D.EncodedSplit, pad_id: int, batch_siz
 
 
 def evaluate(model: TaskModel, split: D.EncodedSplit, card, pad_id: int, batch_size: int,
-             device: torch.device, precision: str, progress: bool = False) -> dict:
+             device: torch.device, precision: str, progress: bool = False, loss: bool = False) -> dict:
     """Metrics of ``model`` on a split (eval mode restored to the previous mode after).
 
-    ``progress``: show the progress of an evaluation that lasts more than a few seconds."""
-    preds, labels = [], []
+    ``progress``: show the progress of an evaluation that lasts more than a few seconds.
+    ``loss``: also the mean training loss over the split's examples (key ``loss``)."""
+    preds, labels, total = [], [], torch.zeros((), dtype=torch.float64, device=device)
     bar = Progress(D.n_batches(len(split), batch_size), "eval", enabled=progress, delay_s=5.0, every_s=15.0,
                    tenths=False, unit="batch")
     for logits, batch in batch_logits(model, split, pad_id, batch_size, device, precision):
         preds.append(TaskModel.predict(logits, card.is_regression).cpu())
         labels.append(batch["labels"].cpu())
+        if loss:
+            total += model.loss(logits, batch["labels"]).double() * len(batch["labels"])
         bar.update(1)
     bar.close()
     if not preds:
-        return {"main": float("nan")}
-    return compute_metrics(card, torch.cat(preds).tolist(), torch.cat(labels).tolist())
+        return {"main": float("nan"), **({"loss": float("nan")} if loss else {})}
+    m = compute_metrics(card, torch.cat(preds).tolist(), torch.cat(labels).tolist())
+    if loss:
+        m["loss"] = total.item() / len(split)
+    return m
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -195,8 +195,8 @@ def _history(out):
     return [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
 
 
-def _within_budget(out, budget=800):
-    st = json.loads((out / "structure.json").read_text())
+def _within_budget(out, budget=800, name="structure.json"):
+    st = json.loads((out / name).read_text())
     assert 0 < st["n_params"] <= budget
     return st
 
@@ -249,7 +249,7 @@ def _killed_then_resumed_equals(tmp_path, monkeypatch, task, cfg, w_steps: int) 
         search("tiny-bert", task, "s3pet-m", "800", tmp_path / "b", cfg)
     monkeypatch.setattr(BiLevel, "w_step", real)
     search("tiny-bert", task, "s3pet-m", "800", tmp_path / "b", cfg, resume=True)
-    for name in ("alphas.csv", "structure.json"):
+    for name in ("alphas.csv", "structure.json", "structure-loss.json", "structure-last.json"):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text(), name
 
 
@@ -262,6 +262,32 @@ def test_alpha_every_k_steps_and_a_killed_search_resumes_to_the_same_structure(t
     assert recs[1]["shift"] == recs[2]["shift"] != recs[3]["shift"]  # logits still on the steps between
     _within_budget(tmp_path / "a")
     _killed_then_resumed_equals(tmp_path, monkeypatch, task, cfg, w_steps=4)
+
+
+def test_each_selection_rule_derives_from_the_same_search(tmp_path):
+    """One search writes the structure of every rule: the selected one in structure.json, the
+    others in structure-<rule>.json, each from the step its rule names; select only chooses
+    which is which (a search with --select last writes, as structure.json, what one with
+    --select best writes as structure-last.json)."""
+    task = _toy(tmp_path)
+    search("tiny-bert", task, "s3pet-m", "800", tmp_path / "best", _cfg(max_steps=8, eval_every=2, seed=1))
+    evals = [r for r in _history(tmp_path / "best") if "eval" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6, 8] and all(r["eval"]["loss"] > 0 for r in evals)
+    best = max(evals, key=lambda r: (r["eval"]["main"], -r["step"]))["step"]  # ties: the earliest
+    low = min(evals, key=lambda r: (r["eval"]["loss"], r["step"]))["step"]
+    steps = {rule: json.loads((tmp_path / "best" / name).read_text())["provenance"]["step"]
+             for rule, name in (("best", "structure.json"), ("loss", "structure-loss.json"),
+                                ("last", "structure-last.json"))}
+    assert steps == {"best": best, "loss": low, "last": 8}
+    assert json.loads((tmp_path / "best" / "metrics.json").read_text())["select_steps"] == steps
+    assert not (tmp_path / "best" / "structure-best.json").exists()
+    for name in ("structure.json", "structure-loss.json", "structure-last.json"):
+        _within_budget(tmp_path / "best", name=name)
+    search("tiny-bert", task, "s3pet-m", "800", tmp_path / "last", _cfg(max_steps=8, eval_every=2, seed=1,
+                                                                         select="last"))
+    strip = lambda p: {k: v for k, v in json.loads(p.read_text()).items() if k != "provenance"}  # noqa: E731
+    assert strip(tmp_path / "last" / "structure.json") == strip(tmp_path / "best" / "structure-last.json")
+    assert strip(tmp_path / "last" / "structure-best.json") == strip(tmp_path / "best" / "structure.json")
 
 
 def test_warm_up_in_epochs_counts_passes_over_d_w(tmp_path):

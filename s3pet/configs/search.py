@@ -10,6 +10,7 @@ from s3pet.errors import ConfigError
 
 CONTROLLERS = ("shift", "none", "l0")  # budget controllers of the supernet
 GATES = ("concrete", "hard-concrete", "deterministic")  # gate kinds of the supernet's training steps
+SELECTS = ("best", "loss", "last")  # which logits of a search derive its structure
 
 
 @dataclass
@@ -63,7 +64,9 @@ class SearchConfig(Config):
     l0_weight: float = setting(1.0, "weight of the l0 controller's penalty", check=">= 0")
     xi: float = setting(0.0, "virtual step size of second order; 0 = --w-lr", check=">= 0")
     alpha_share: float = setting(0.5, "share of the training split used as D_alpha", check="(0, 1)")
-    select: str = setting("best", "derive from the best-validation or the last logits", choices=("best", "last"))
+    select: str = setting("best", "derive from the logits of the best validation metric (ties: the earliest), "
+                                  "of the lowest validation loss, or the last ones; the run writes the other two "
+                                  "as structure-<rule>.json", choices=SELECTS)
     eval_every: int = setting(0, "steps between validations; 0 = twice per epoch", check=">= 0")
     checkpoint_every: int = setting(0, "steps between checkpoints; 0 = at every validation", check=">= 0")
     max_length: int = setting(128, "tokens per input (a sentence or a pair); 0 = from the data (the 95th "
