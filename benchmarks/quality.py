@@ -61,12 +61,12 @@ ABLATIONS = {
     "s3pet-anneal": {"temperature_final": 0.1},  # concrete temperature 1 -> 0.1
     "s3pet-hard-concrete": {"gates": "hard-concrete"},  # exact 0/1 gates
     "s3pet-deterministic": {"warmup_epochs": 1.0, "gates": "deterministic"},  # z = p after the warm-up
+    "s3pet-det": {"gates": "deterministic"},  # z = p from the start: no gate noise on the supernet's outputs
     "s3pet-accum4": {"alpha_accum": 4},  # 4 D_alpha batches per alpha step
     "s3pet-restarts3": {"restarts": 3},  # 3 searches averaged ...
     "s3pet-long3": {"epochs_factor": 3.0},  # ... against one search 3x as long
     "s3pet-second": {"order": "second", "epochs_factor": 1 / 2.8},  # equal wall time: 2.8x per step (benchmarks.md)
     "s3pet-kindlr": {"kind_lr_scale": 3.0},  # each kind at 3x its retrain rate (LoRA 1.5e-3, others 3e-3)
-    "s3pet-last": {"select": "last"},  # the last logits, not the best validation's (often an early step)
     "s3pet-alpha2": {"alpha_every": 2},  # an alpha step every 2nd step: 1.5 passes a step instead of 2
     "s3pet-recipe": {"warmup_epochs": 1.0, "alpha_init": "sensitivity", "temperature_final": 0.1, "alpha_accum": 4},
 }
@@ -76,7 +76,12 @@ DEFAULT_METHODS = ("s3pet", "unified", "random", "lora", "lora-all", "adapter", 
 #: hand-designed rows, run only when named
 KIND_BASELINES = ("ia3", "lowrank_adapter", "parallel_adapter", "adapterbias", "kronecker", "sparse_lora",
                   "compacter", "fact", "prefix")
-METHODS = DEFAULT_METHODS + tuple(ABLATIONS) + KIND_BASELINES  # ablations, kinds: only when named in --methods
+#: other selection rules of a search method's own searches (no search of their own: each seed's
+#: retrain takes the parent's structure-<rule>.json, so the pair differs only in the rule)
+DERIVED = {"s3pet-last": ("s3pet", "last"), "s3pet-loss": ("s3pet", "loss"),
+           "s3pet-kindlr-last": ("s3pet-kindlr", "last"), "s3pet-kindlr-loss": ("s3pet-kindlr", "loss"),
+           "s3pet-det-last": ("s3pet-det", "last"), "s3pet-det-loss": ("s3pet-det", "loss")}
+METHODS = DEFAULT_METHODS + tuple(ABLATIONS) + tuple(DERIVED) + KIND_BASELINES  # all but the defaults: when named
 SEARCH_METHODS = ("s3pet", "unified") + tuple(ABLATIONS)
 SPACES = {"s3pet": "s3pet-m", "unified": "unified"}  # the space each search method searches (ablations: s3pet's)
 RENAMED = {"s3pet-m": "s3pet"}  # method names of older runs
@@ -136,7 +141,16 @@ SEARCHED = SEARCH_METHODS + ("optuna",)  # methods whose runs retrain a structur
 
 
 def search_state(out: Path, task: str, method: str, budget: str, seed: int) -> str | None:
-    """None for methods without a search; else "done", "failed" or "todo" for that seed's search."""
+    """None for methods without a search; else "done", "failed" or "todo" for that seed's search.
+    A derived method's is its parent's: "wait" while the parent's search is to do, "stale" when it
+    ended before searches wrote the other rules' structures."""
+    if method in DERIVED:
+        parent, rule = DERIVED[method]
+        state = search_state(out, task, parent, budget, seed)
+        if state != "done":
+            return "wait" if state == "todo" else state
+        alt = run_dir(out, task, parent, budget, seed, 1.0).parent / "search" / f"structure-{rule}.json"
+        return "done" if alt.is_file() else "stale"
     if method not in SEARCHED:
         return None
     base = run_dir(out, task, method, budget, seed, 1.0).parent
@@ -166,8 +180,11 @@ def pending_jobs(out: Path, args) -> list[dict]:
             if not missing:
                 continue
             job = {"task": task, "method": method, "budget": budget, "seed": seed}
-            if search_state(out, task, method, budget, seed) == "todo":
+            state = search_state(out, task, method, budget, seed)
+            if state == "todo":
                 todo.append({**job, "scales": [], "search": True})
+                continue
+            if state in ("wait", "stale"):  # a derived method: its parent searches (or searched too early)
                 continue
             todo += [{**job, "scales": [sc]} for sc in missing if sc is not None]
     return todo
@@ -257,7 +274,14 @@ def run_job(job: dict, args_dict: dict) -> list[dict]:
     try:
         if failed.is_file():  # an earlier search job of this seed failed: its retrains fail with it
             raise RuntimeError(json.loads(failed.read_text())["error"])
-        if method in SEARCH_METHODS:
+        if method in DERIVED:  # the parent's search, another rule's structure
+            parent, rule = DERIVED[method]
+            pbase = run_dir(Path(args.out), task, parent, budget, seed, 1.0).parent
+            if (pbase / "search-failed.json").is_file():
+                raise RuntimeError(json.loads((pbase / "search-failed.json").read_text())["error"])
+            structure = pbase / "search" / f"structure-{rule}.json"
+            search_cost = json.loads((pbase / "search" / "metrics.json").read_text())["cost"]
+        elif method in SEARCH_METHODS:
             scfg = search_config(args, method, task, seed)
             space = SPACES.get(method, SPACES["s3pet"])
             if not (base / "search" / "structure.json").is_file():
@@ -602,6 +626,8 @@ def parse(argv=None):
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    # a derived method needs its parent's searches (and is compared with its retrains)
+    args.methods = list(dict.fromkeys(m for x in args.methods for m in ((DERIVED[x][0], x) if x in DERIVED else (x,))))
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.small_seeds = [int(s) for s in args.small_seeds.split(",")]
     args.lr_grid = [float(s) for s in args.lr_grid.split(",")]

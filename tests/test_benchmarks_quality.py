@@ -262,3 +262,35 @@ def test_compile_reaches_both_the_search_and_the_training(tmp_path):
     assert Q.search_config(off, "s3pet", "rte", 0).compile == "off" == Q.train_config(off, "rte", 0, 1.0).compile
     on = _args(tmp_path, "--compile", "auto")
     assert Q.search_config(on, "s3pet", "rte", 0).compile == "auto" == Q.train_config(on, "rte", 0, 1.0).compile
+
+
+def test_a_derived_rule_retrains_its_parents_search_and_never_searches(tmp_path, monkeypatch):
+    a = Q.parse(["--model", "m", "--data-dir", "d", "--out", str(tmp_path / "q"), "--tasks", "cb",
+                 "--budgets", "0.1%", "--methods", "s3pet-last", "--small-seeds", "0,1,2", "--lr-seeds", "0",
+                 "--lr-grid", "1"])
+    assert a.methods == ["s3pet", "s3pet-last"]  # the parent comes along: its searches, its retrains
+    out = Path(a.out)
+    assert {(j["method"], j["seed"]) for j in Q.pending_jobs(out, a)} == {("s3pet", s) for s in (0, 1, 2)}
+    for seed, files in ((0, ("structure.json", "structure-last.json")), (1, ("structure.json",))):
+        s = Q.run_dir(out, "cb", "s3pet", "0.1%", seed, 1.0).parent / "search"
+        s.mkdir(parents=True)
+        for f in files:
+            (s / f).write_text(json.dumps({"rule": f}))
+        (s / "metrics.json").write_text(json.dumps({"cost": {"seconds": 7.0}, "steps": 80}))
+    assert [Q.search_state(out, "cb", "s3pet-last", "0.1%", s) for s in (0, 1, 2)] == ["done", "stale", "wait"]
+    jobs = [j for j in Q.pending_jobs(out, a) if j["method"] == "s3pet-last"]
+    assert [(j["seed"], j["scales"], j.get("search")) for j in jobs] == [(0, [1.0], None)]
+    import s3pet.pipeline as P
+
+    seen = []
+
+    def fake_retrain(structure, task, out, cfg, **kw):
+        seen.append(json.loads(Path(structure).read_text()))
+        return {"main_metric": "acc", "validation": {"main": 0.5}, "test": {"main": 0.4}, "params": {"pet": 1},
+                "cost": {"seconds": 1}, "learning_rates": {}, "steps": 1}
+
+    monkeypatch.setattr(P, "retrain", fake_retrain)
+    ad = {k: v for k, v in vars(a).items() if k != "budgets_order"}
+    (rec,) = Q.run_job(jobs[0], ad)
+    assert rec["status"] == "ok" and seen == [{"rule": "structure-last.json"}]
+    assert rec["search_cost"] == {"seconds": 7.0}  # the parent's search is what it cost
