@@ -29,7 +29,8 @@ a different one per seed), ``lora``,
 (every weight), ``optuna`` (Optuna/TPE over s3pet-m, ``--optuna-trials`` retrains), and the
 references run through peft itself: ``peft-lora-r8-qv``, ``peft-lora-all-r1`` (fixed shapes)
 and ``adalora`` (sized to the budget). Search ablations (``ABLATIONS``: s3pet with search
-options changed, e.g. ``s3pet-warmup``, ``s3pet-sens-select``) and the newer kinds alone
+options changed, e.g. ``s3pet-warmup``, ``s3pet-det``), other selection rules of their searches
+(``DERIVED``: ``s3pet-last``, ``s3pet-det-loss``, ...: retrains only) and the newer kinds alone
 (``KIND_BASELINES``: ``prefix``, ``compacter``, ``fact``, ... each as large as the budget allows)
 run only when named.
 """
