@@ -22,5 +22,13 @@ timeout $((limit + 30)) python3 benchmarks/quality.py --model .gpu/model --data-
 echo "exit $?"
 tail -c 3000 "$OUT/$q-log.txt"
 tar czf "$OUT/$q.tgz" -C .gpu "$q"
+# A file over 16 MiB does not come back from a device call (--keep-weights can make one): keep the
+# results and the checkpoints of cut searches, drop the finished runs' weights, pack again.
+if [ "$(stat -c %s "$OUT/$q.tgz")" -gt $((15 * 1024 * 1024)) ]; then
+  echo "pack over 15 MiB: dropping the weights of finished runs (delta.safetensors, *.bin, finished searches' search.pt)"
+  find ".gpu/$q" \( -name '*.safetensors' -o -name '*.bin' \) -delete
+  find ".gpu/$q" -name search.pt -execdir test -f metrics.json \; -delete  # finished searches' only
+  tar czf "$OUT/$q.tgz" -C .gpu "$q"
+fi
 mkdir -p "$OUT/$q" && cp ".gpu/$q/results.md" ".gpu/$q/results.json" ".gpu/$q/quality.png" "$OUT/$q/" 2>/dev/null
 nvidia-smi --query-gpu=name,memory.used --format=csv
