@@ -210,7 +210,8 @@ def search(model: str, task: str, space: str, budget: str | int, out: str | Path
         res = results[-1]
         # The selected rule's structure, then the other rules' (structure-<rule>.json: the same search,
         # logits chosen otherwise, e.g. to retrain the last logits' structure without searching again).
-        for rule in (cfg.select, *(r for r in SELECTS if r != cfg.select)):
+        structures = {}
+        for rule in SELECTS:
             p_mean = torch.stack(probs[rule]).mean(0) if cfg.restarts > 1 else None
             with torch.no_grad():  # after restarts the mean logits only break ties in the mean probabilities
                 sn.set_alpha(torch.stack(alphas[rule]).mean(0).to(sn.alpha.dtype))
@@ -222,9 +223,9 @@ def search(model: str, task: str, space: str, budget: str | int, out: str | Path
                                "controller": cfg.controller, **({"restarts": cfg.restarts} if cfg.restarts > 1 else {})})
             if rule == cfg.select:
                 write_alphas_csv(out / "alphas.csv", rows)
-                selected = st
             st.save(out / ("structure.json" if rule == cfg.select else f"structure-{rule}.json"))
-        st = selected
+            structures[rule] = st
+        st = structures[cfg.select]
         device = resolve_device(cfg.device)
         metrics = {"stage": "search", "validation_soft_gates": res.best_validation, "best_step": res.best_step,
                    "select_steps": res.steps_of,  # the step each rule's logits are from
